@@ -1,0 +1,49 @@
+"""lowbit: quantize PyTorch models to int8, int4 and float8.
+
+Example:
+    >>> import torch, lowbit
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    >>> _ = lowbit.quantize_(model, lowbit.Int8WeightOnly())
+"""
+
+from . import kernels
+from .api import default_filter, quantize_, register_handler
+from .configs import (
+    Float8DynamicActivation,
+    Float8WeightOnly,
+    Int4WeightOnly,
+    Int8DynamicActivation,
+    Int8WeightOnly,
+    QuantConfig,
+)
+from .modules import QuantizedLinear
+from .tensors import (
+    ActivationQuant,
+    DynamicActivationTensor,
+    Float8Tensor,
+    Int4Tensor,
+    Int8Tensor,
+    QuantizedTensor,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationQuant",
+    "DynamicActivationTensor",
+    "Float8DynamicActivation",
+    "Float8Tensor",
+    "Float8WeightOnly",
+    "Int4Tensor",
+    "Int4WeightOnly",
+    "Int8DynamicActivation",
+    "Int8Tensor",
+    "Int8WeightOnly",
+    "QuantConfig",
+    "QuantizedLinear",
+    "QuantizedTensor",
+    "default_filter",
+    "kernels",
+    "quantize_",
+    "register_handler",
+]

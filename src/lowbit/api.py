@@ -1,0 +1,124 @@
+"""``quantize_``: validate the whole config against the whole model, then quantize in place.
+
+Handlers are looked up by config type; a handler validates every target module first and only
+then changes the model, so an error never leaves a model half-quantized.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from .configs import CONFIGS, QuantConfig
+from .kernels.registry import select_kernel
+from .modules import QuantizedLinear
+from .primitives.affine import check_finite
+from .tensors.base import QuantizedTensor
+
+FilterFn = Callable[[nn.Module, str], bool]
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Handler(Protocol):
+    def validate(self, targets: list[tuple[str, nn.Module]], config, module_swap: bool) -> None: ...
+    def apply(self, model: nn.Module, targets: list[tuple[str, nn.Module]], config, module_swap: bool) -> None: ...
+
+
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(config_type: type) -> Callable[[Handler], Handler]:
+    """Register the handler that applies configs of ``config_type`` (class decorator, instantiated once)."""
+
+    def wrap(handler_cls):
+        _HANDLERS[config_type] = handler_cls()
+        return handler_cls
+
+    return wrap
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """Quantize every nn.Linear (pass a filter_fn to include nn.Embedding or to skip layers)."""
+    return isinstance(module, nn.Linear)
+
+
+def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None, *, module_swap: bool = False) -> nn.Module:
+    """Quantize ``model`` in place as ``config`` says and return it.
+
+    Args:
+        model: any nn.Module; its structure is kept (weights become tensor subclasses).
+        config: a config instance such as ``Int8WeightOnly()``.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` picks modules; default: every nn.Linear.
+        module_swap: replace nn.Linear by :class:`QuantizedLinear` instead of swapping weights.
+
+    Raises:
+        TypeError: ``config`` is not a registered config instance.
+        ValueError: a selected module or weight cannot take this config; the model is unchanged.
+
+    Example:
+        >>> import lowbit
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        >>> _ = lowbit.quantize_(model, lowbit.Int8WeightOnly())
+        >>> type(model[0].weight).__name__
+        'Int8Tensor'
+    """
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        known = ", ".join(t.__name__ for t in _HANDLERS)
+        raise TypeError(f"config must be an instance of one of {known}; received {type(config).__name__}")
+    filter_fn = filter_fn or default_filter
+    targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
+    if not targets:
+        warnings.warn(f"quantize_ with {config}: filter_fn selected no module, the model is unchanged", stacklevel=2)
+        return model
+    handler.validate(targets, config, module_swap)
+    handler.apply(model, targets, config, module_swap)
+    return model
+
+
+class WeightHandler:
+    """Weight-only and dynamic-activation configs on nn.Linear (and nn.Embedding where supported)."""
+
+    def validate(self, targets, config, module_swap):
+        for fqn, module in targets:
+            allowed = (nn.Linear,) if module_swap or not config.supports_embedding else (nn.Linear, nn.Embedding)
+            if not isinstance(module, allowed):
+                names = " or ".join(f"nn.{t.__name__}" for t in allowed)
+                raise ValueError(f"{type(config).__name__} quantizes {names}; filter_fn selected {fqn!r} of type {type(module).__name__}")
+            name = f"{fqn}.weight" if fqn else "weight"
+            weight = module.weight
+            if isinstance(weight, QuantizedTensor):
+                raise ValueError(f"{name} is already quantized ({type(weight).__name__}); expected a float weight")
+            if weight.dtype not in _FLOAT_DTYPES or weight.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D float32/bfloat16/float16 weight; received {weight.dtype} of shape {tuple(weight.shape)}")
+            config.check_weight(weight, name)
+            check_finite(weight.detach(), name)
+            select_kernel("linear" if isinstance(module, nn.Linear) else "embedding", config.scheme, weight.device.type,
+                          config.kernel if isinstance(module, nn.Linear) else "auto")
+
+    def apply(self, model, targets, config, module_swap):
+        done: dict[int, nn.Parameter] = {}  # tied weights are quantized once and stay tied
+        for fqn, module in targets:
+            if module_swap:
+                _set_submodule(model, fqn, QuantizedLinear.from_float(module, config))
+                continue
+            key = id(module.weight)
+            if key not in done:
+                with torch.no_grad():
+                    qweight = config.quantize_weight(module.weight.detach(), f"{fqn}.weight")
+                done[key] = nn.Parameter(qweight, requires_grad=False)
+            module.weight = done[key]
+
+
+def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    if not fqn:
+        raise ValueError("module_swap cannot replace the root module itself; wrap it in a container")
+    parent, _, name = fqn.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+
+
+for _config_type in CONFIGS:
+    register_handler(_config_type)(WeightHandler)

@@ -1,0 +1,158 @@
+"""Quantization configs: frozen dataclasses, dispatched by type to handlers in :mod:`lowbit.api`.
+
+Each config validates its own fields on construction and knows how to quantize one weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .primitives.blocks import per_axis_block, per_group_block, per_token_block
+from .primitives.qtypes import float8_qtype
+from .tensors import ActivationQuant, DynamicActivationTensor, Float8Tensor, Int4Tensor, Int8Tensor
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+FLOAT8_GRANULARITIES = ("per_row", "per_tensor")
+
+
+class QuantConfig:
+    """Base of all configs. ``supports_embedding`` says whether nn.Embedding weights may be quantized."""
+
+    supports_embedding = False
+    scheme: str
+    kernel: str
+
+    def group_size_for(self, in_features: int) -> int | None:
+        """The block length along the reduction dim (None: the whole row)."""
+        return getattr(self, "group_size", None)
+
+    def check_weight(self, weight: torch.Tensor, name: str) -> None:
+        """Raise ValueError if this config cannot quantize ``weight`` (nothing is changed)."""
+        group = self.group_size_for(weight.shape[-1])
+        if group is not None and weight.shape[-1] % group:
+            raise ValueError(
+                f"{type(self).__name__}(group_size={group}) needs the input features of {name} to be a multiple "
+                f"of {group}; received weight shape {tuple(weight.shape)}"
+            )
+
+    def quantize_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _check_group_size(config, allowed=None) -> None:
+    group = config.group_size
+    if group is None:
+        return
+    if allowed is not None and group not in allowed:
+        raise ValueError(f"{type(config).__name__} group_size must be one of {allowed}; received {group}")
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"{type(config).__name__} group_size must be a positive int or None; received {group!r}")
+
+
+def _block(weight: torch.Tensor, group_size: int | None) -> tuple[int, ...]:
+    return per_group_block(weight.shape, group_size) if group_size else per_axis_block(weight.shape, 0)
+
+
+@dataclass(frozen=True)
+class Int8WeightOnly(QuantConfig):
+    """int8 weights (per-channel, or per-group with ``group_size``), float activations.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        >>> quantize_(model, Int8WeightOnly())  # doctest: +SKIP
+    """
+
+    group_size: int | None = None
+    kernel: str = "auto"
+    scheme = "int8"
+    supports_embedding = True
+
+    def __post_init__(self):
+        _check_group_size(self)
+
+    def quantize_weight(self, weight, name):
+        return Int8Tensor.from_float(weight, _block(weight, self.group_size), kernel=self.kernel, name=name)
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly(QuantConfig):
+    """4-bit weights per group of ``group_size`` input features; asymmetric (uint4 + zero point) by default."""
+
+    group_size: int = 128
+    symmetric: bool = False
+    kernel: str = "auto"
+    scheme = "int4"
+    supports_embedding = True
+
+    def __post_init__(self):
+        _check_group_size(self, INT4_GROUP_SIZES)
+
+    def quantize_weight(self, weight, name):
+        block = per_group_block(weight.shape, self.group_size)
+        return Int4Tensor.from_float(weight, block, symmetric=self.symmetric, kernel=self.kernel, name=name)
+
+
+@dataclass(frozen=True)
+class Int8DynamicActivation(QuantConfig):
+    """int8 activations quantized per token at run time, int8 per-channel weights.
+
+    ``act_symmetric=False`` (default) gives activations an integer zero point, which keeps the
+    full 8-bit range for one-sided inputs such as GELU outputs.
+    """
+
+    act_symmetric: bool = False
+    group_size: int | None = None
+    kernel: str = "auto"
+    scheme = "int8_dynamic"
+
+    def __post_init__(self):
+        _check_group_size(self)
+
+    def quantize_weight(self, weight, name):
+        inner = Int8Tensor.from_float(weight, _block(weight, self.group_size), kernel=self.kernel, name=name)
+        return DynamicActivationTensor.wrap(inner, ActivationQuant("int8", "per_token", self.act_symmetric))
+
+
+@dataclass(frozen=True)
+class Float8WeightOnly(QuantConfig):
+    """float8 weights with one scale per output row, float activations."""
+
+    float8_dtype: torch.dtype = torch.float8_e4m3fn
+    kernel: str = "auto"
+    scheme = "float8"
+    supports_embedding = True
+
+    def __post_init__(self):
+        float8_qtype(self.float8_dtype)
+
+    def quantize_weight(self, weight, name):
+        return Float8Tensor.from_float(
+            weight, per_axis_block(weight.shape, 0), float8_dtype=self.float8_dtype, kernel=self.kernel, name=name
+        )
+
+
+@dataclass(frozen=True)
+class Float8DynamicActivation(QuantConfig):
+    """float8 activations (scaled per token or per tensor at run time) and float8 weights (per row or per tensor)."""
+
+    granularity: str = "per_row"
+    float8_dtype: torch.dtype = torch.float8_e4m3fn
+    kernel: str = "auto"
+    scheme = "float8_dynamic"
+
+    def __post_init__(self):
+        if self.granularity not in FLOAT8_GRANULARITIES:
+            raise ValueError(f"granularity must be one of {FLOAT8_GRANULARITIES}; received {self.granularity!r}")
+        float8_qtype(self.float8_dtype)
+
+    def quantize_weight(self, weight, name):
+        per_row = self.granularity == "per_row"
+        block = per_token_block(weight.shape) if per_row else tuple(weight.shape)
+        inner = Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name)
+        act = ActivationQuant(float8_qtype(self.float8_dtype).name, "per_token" if per_row else "per_tensor", True)
+        return DynamicActivationTensor.wrap(inner, act)
+
+
+CONFIGS = (Int8WeightOnly, Int4WeightOnly, Int8DynamicActivation, Float8WeightOnly, Float8DynamicActivation)

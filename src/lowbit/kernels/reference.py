@@ -1,0 +1,71 @@
+"""Reference kernels: dequantize, then use PyTorch's float ops. Correct everywhere, not fast.
+
+Dynamic activation kernels fake-quantize the activation (quantize then dequantize) with a
+straight-through gradient, so results match the integer math up to float rounding and autograd
+still reaches the input.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..primitives.affine import choose_qparams, dequantize, quantize
+from ..primitives.blocks import per_token_block
+from ..primitives.packing import unpack_int4
+from ..primitives.qtypes import get_qtype
+from .registry import register_kernel
+
+WEIGHT_SCHEMES = ("int8", "int4", "float8")
+DYNAMIC_SCHEMES = ("int8_dynamic", "float8_dynamic")
+
+
+def dequantize_weight(tensors: Mapping[str, torch.Tensor], meta: Mapping, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize a block-quantized weight given as plain inner tensors and metadata."""
+    qt = get_qtype(meta["qtype"])
+    q = tensors["qdata"]
+    if qt.packed:
+        q = unpack_int4(q, signed=qt.qmin < 0, dim=meta["packed_dim"])
+    return dequantize(q, tensors["scale"], tensors.get("zero_point"), meta["block_size"], dtype)
+
+
+def fake_quantize_activation(x: torch.Tensor, act) -> torch.Tensor:
+    """Quantize-dequantize ``x`` as ``act`` (an ActivationQuant) does, straight-through for autograd."""
+    block = per_token_block(x.shape) if act.granularity == "per_token" else tuple(x.shape)
+    scale, zero_point = choose_qparams(x, block, act.qtype, symmetric=act.symmetric, ignore_nonfinite=True)
+    q = quantize(x, scale, zero_point, block, act.qtype, saturate_nonfinite=True)
+    xq = dequantize(q, scale, zero_point, block, x.dtype)
+    if x.requires_grad:
+        return x + (xq - x).detach()
+    return xq
+
+
+def _linear(x, tensors, meta, bias):
+    return F.linear(x, dequantize_weight(tensors, meta, x.dtype), bias)
+
+
+def _dynamic_linear(x, tensors, meta, bias):
+    return _linear(fake_quantize_activation(x, meta["activation"]), tensors, meta, bias)
+
+
+def _bmm(x, tensors, meta, bias):
+    return torch.bmm(x, dequantize_weight(tensors, meta, x.dtype))
+
+
+def _embedding(indices, tensors, meta, bias):
+    """Gather the quantized rows first, then dequantize only those rows."""
+    rows = {name: t[indices] for name, t in tensors.items()}  # (*indices.shape, ...)
+    block = (1,) * indices.dim() + tuple(meta["block_size"][1:])
+    packed_dim = meta["packed_dim"]
+    row_meta = dict(meta, block_size=block, packed_dim=None if packed_dim is None else indices.dim())
+    return dequantize_weight(rows, row_meta, meta["dtype"])
+
+
+for _scheme in WEIGHT_SCHEMES:
+    register_kernel("linear", _scheme, "reference", priority=-100)(_linear)
+    register_kernel("bmm", _scheme, "reference", priority=-100)(_bmm)
+    register_kernel("embedding", _scheme, "reference", priority=-100)(_embedding)
+for _scheme in DYNAMIC_SCHEMES:
+    register_kernel("linear", _scheme, "reference", priority=-100)(_dynamic_linear)

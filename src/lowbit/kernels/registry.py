@@ -1,0 +1,120 @@
+"""Explicit kernel choice: (op, scheme) -> kernels, each with the devices it runs on and a capability check.
+
+A kernel receives plain tensors only: ``fn(x, tensors, meta, bias)`` where ``tensors`` maps the
+quantized weight's inner tensor names to tensors and ``meta`` holds its metadata (block_size,
+qtype, ...). Tensor subclasses and swapped modules call the same kernel, so they agree exactly.
+
+Preferences: ``"auto"`` picks the highest-priority kernel that can run here, ``"reference"``
+dequantizes and uses float ops, and any other name must exist and be runnable here, or the call
+raises: a model's numerics never change silently with the machine it runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+KernelFn = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One implementation of ``op`` for weights of ``scheme``.
+
+    Attributes:
+        op: operation name (``"linear"``, ``"embedding"``, ``"bmm"``).
+        scheme: weight scheme (``"int8"``, ``"int4"``, ``"float8"``, ``"int8_dynamic"``, ...).
+        name: name users give as ``kernel=`` in a config.
+        fn: the implementation, ``fn(x, tensors, meta, bias)``.
+        devices: device types it runs on.
+        priority: higher wins under ``"auto"``.
+        requires: returns None when runnable on a device type, else a reason it is not.
+    """
+
+    op: str
+    scheme: str
+    name: str
+    fn: KernelFn
+    devices: frozenset[str] = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
+    priority: int = 0
+    requires: Callable[[str], str | None] | None = None
+
+    def missing(self, device_type: str) -> str | None:
+        """Why this kernel cannot run on ``device_type``, or None if it can."""
+        if device_type not in self.devices:
+            return f"runs on {sorted(self.devices)}, not {device_type}"
+        return self.requires(device_type) if self.requires else None
+
+
+_KERNELS: dict[tuple[str, str], list[Kernel]] = {}
+_CHOSEN: dict[tuple[str, str, str, str], Kernel] = {}
+
+
+def register_kernel(
+    op: str,
+    scheme: str,
+    name: str,
+    *,
+    devices: tuple[str, ...] = ("cpu", "cuda"),
+    priority: int = 0,
+    requires: Callable[[str], str | None] | None = None,
+) -> Callable[[KernelFn], KernelFn]:
+    """Decorator registering ``fn(x, tensors, meta, bias)`` as kernel ``name`` for (op, scheme).
+
+    Example:
+        >>> @register_kernel("linear", "demo", "reference")
+        ... def demo_linear(x, tensors, meta, bias):
+        ...     return x
+    """
+
+    def wrap(fn: KernelFn) -> KernelFn:
+        kernels = _KERNELS.setdefault((op, scheme), [])
+        if any(k.name == name for k in kernels):
+            raise ValueError(f"kernel {name!r} is already registered for ({op!r}, {scheme!r})")
+        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires))
+        kernels.sort(key=lambda k: -k.priority)
+        _CHOSEN.clear()
+        return fn
+
+    return wrap
+
+
+def kernel_names(op: str, scheme: str) -> list[str]:
+    """Names registered for (op, scheme), highest priority first."""
+    return [k.name for k in _KERNELS.get((op, scheme), [])]
+
+
+def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto") -> Kernel:
+    """Resolve a kernel preference for a device type, raising rather than substituting.
+
+    Example:
+        >>> select_kernel("linear", "int8", "cpu", "reference").name
+        'reference'
+    """
+    key = (op, scheme, device_type, preference)
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _resolve(op, scheme, device_type, preference)
+        _CHOSEN[key] = chosen
+    return chosen
+
+
+def _resolve(op: str, scheme: str, device_type: str, preference: str) -> Kernel:
+    kernels = _KERNELS.get((op, scheme))
+    if not kernels:
+        raise NotImplementedError(f"lowbit has no {op!r} kernel for {scheme!r} weights")
+    if preference == "auto":
+        for kernel in kernels:
+            if kernel.missing(device_type) is None:
+                return kernel
+        raise RuntimeError(f"no {op!r} kernel for {scheme!r} weights can run on {device_type}")
+    for kernel in kernels:
+        if kernel.name == preference:
+            reason = kernel.missing(device_type)
+            if reason is not None:
+                raise RuntimeError(f"kernel {preference!r} for {op} on {scheme!r} weights cannot run here: {reason}")
+            return kernel
+    raise ValueError(
+        f"unknown kernel {preference!r} for {op} on {scheme!r} weights; expected 'auto' or one of "
+        f"{kernel_names(op, scheme)}"
+    )

@@ -1,0 +1,18 @@
+"""Quantized tensor subclasses."""
+
+from .activation import ActivationQuant, DynamicActivationTensor
+from .base import QuantizedTensor
+from .blockwise import BlockQuantizedTensor
+from .float8 import Float8Tensor
+from .int4 import Int4Tensor
+from .int8 import Int8Tensor
+
+__all__ = [
+    "ActivationQuant",
+    "BlockQuantizedTensor",
+    "DynamicActivationTensor",
+    "Float8Tensor",
+    "Int4Tensor",
+    "Int8Tensor",
+    "QuantizedTensor",
+]

@@ -1,0 +1,122 @@
+"""A weight wrapper that quantizes the activation dynamically (per call) before the matmul."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..primitives.qtypes import get_qtype
+from .base import QuantizedTensor, return_view
+from .blockwise import BlockQuantizedTensor, run_kernel
+
+aten = torch.ops.aten
+
+GRANULARITIES = ("per_token", "per_tensor")
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How activations are quantized at run time.
+
+    Attributes:
+        qtype: ``"int8"`` or a float8 qtype name.
+        granularity: ``"per_token"`` (one scale per row of the last dim) or ``"per_tensor"``.
+        symmetric: symmetric range, or asymmetric with an integer zero point (integer qtypes).
+    """
+
+    qtype: str = "int8"
+    granularity: str = "per_token"
+    symmetric: bool = True
+
+    def __post_init__(self):
+        qt = get_qtype(self.qtype)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"activation granularity must be one of {GRANULARITIES}; received {self.granularity!r}")
+        if qt.is_float and not self.symmetric:
+            raise ValueError(f"{self.qtype} activations are symmetric; received symmetric=False")
+
+
+class DynamicActivationTensor(QuantizedTensor):
+    """Wraps a quantized weight; ``F.linear`` quantizes its input as ``activation`` says first.
+
+    Example:
+        >>> from lowbit.tensors.int8 import Int8Tensor
+        >>> w = Int8Tensor.from_float(torch.randn(8, 16), block_size=(1, 16))
+        >>> y = F.linear(torch.randn(2, 16), DynamicActivationTensor(weight=w, activation=ActivationQuant(),
+        ...     shape=w.shape, dtype=w.dtype))
+        >>> tuple(y.shape)
+        (2, 8)
+    """
+
+    tensor_names = ("weight",)
+    meta_names = ("activation",)
+
+    @classmethod
+    def wrap(cls, weight: BlockQuantizedTensor, activation: ActivationQuant) -> "DynamicActivationTensor":
+        return cls(weight=weight, activation=activation, shape=weight.shape, dtype=weight.dtype)
+
+    @property
+    def scheme(self) -> str:
+        return f"{self.weight.scheme}_dynamic"
+
+    @property
+    def kernel(self) -> str:
+        return self.weight.kernel
+
+    def kernel_inputs(self) -> tuple[dict, dict]:
+        tensors, meta = self.weight.kernel_inputs()
+        return tensors, {**meta, "activation": self.activation}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight.dequantize(dtype or self.dtype)
+
+    def storage_bytes(self) -> int:
+        return self.weight.storage_bytes()
+
+    def with_weight(self, weight: torch.Tensor) -> "DynamicActivationTensor":
+        return self.rebuild(weight=weight, shape=weight.shape, dtype=weight.dtype)
+
+
+@DynamicActivationTensor.implements(
+    [aten.detach.default, aten.alias.default, aten.t.default, aten.transpose.int, aten.view.default,
+     aten._unsafe_view.default, aten.reshape.default, aten.slice.Tensor]
+)
+def _view_like(func, args, kwargs):
+    return return_view(func, args, kwargs, args[0].with_weight(func(args[0].weight, *args[1:], **kwargs)))
+
+
+@DynamicActivationTensor.implements([aten.clone.default, aten._to_copy.default])
+def _copy_like(func, args, kwargs):
+    return args[0].with_weight(func(args[0].weight, *args[1:], **kwargs))
+
+
+@DynamicActivationTensor.implements([aten.split.Tensor, aten.split_with_sizes.default])
+def _split(func, args, kwargs):
+    return [args[0].with_weight(w) for w in func(args[0].weight, *args[1:], **kwargs)]
+
+
+@DynamicActivationTensor.implements(aten.copy_.default)
+def _copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(src, DynamicActivationTensor) or src.activation != dst.activation:
+        received = getattr(src, "activation", f"a {type(src).__name__}")
+        raise ValueError(f"cannot copy into a weight with dynamic {dst.activation}: received {received}")
+    dst.weight.copy_(src.weight)
+    return dst
+
+
+@DynamicActivationTensor.implements([aten.mm.default, aten.addmm.default])
+def _mm(func, args, kwargs):
+    bias, (a, b) = (args[0], args[1:3]) if func is aten.addmm.default else (None, args[:2])
+    if not isinstance(b, DynamicActivationTensor) or isinstance(a, QuantizedTensor) or kwargs:
+        raise NotImplementedError(f"{func} supports plain activations times a dynamically quantized weight")
+    return run_kernel("linear", b.with_weight(b.weight.t()), a, bias)
+
+
+@DynamicActivationTensor.implements_function(F.linear)
+def _linear(input, weight, bias=None):
+    if not isinstance(weight, DynamicActivationTensor) or isinstance(input, QuantizedTensor):
+        raise NotImplementedError(f"F.linear supports a plain input and a quantized weight; received {type(input).__name__}")
+    return run_kernel("linear", weight, input, bias)

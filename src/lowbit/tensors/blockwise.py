@@ -1,0 +1,237 @@
+"""Block-quantized tensors and the ops they share: int8, int4 (packed) and float8 build on this.
+
+Layout (documented ranks): ``qdata`` has the outer shape, halved along ``packed_dim`` for 4-bit
+types; ``scale`` and ``zero_point`` have ``shape[i] // block_size[i]`` entries along each
+dimension i, so they keep the rank of the tensor. Weights of Linear/Embedding are (N, K) with
+blocks along K, the reduction dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.reference import dequantize_weight
+from ..kernels.registry import select_kernel
+from .base import QuantizedTensor, return_view
+
+aten = torch.ops.aten
+
+
+class BlockQuantizedTensor(QuantizedTensor):
+    """Values quantized in blocks, one scale (and optional integer zero point) per block."""
+
+    tensor_names = ("qdata", "scale")
+    optional_tensor_names = ("zero_point",)
+    meta_names = ("qtype", "block_size", "packed_dim", "kernel")
+    scheme: ClassVar[str] = "block"
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_weight(self.fields(), self.meta, dtype or self.dtype)
+
+    def kernel_inputs(self) -> tuple[dict, dict]:
+        """Plain tensors and metadata handed to kernels."""
+        return self.fields(), self.meta
+
+    def storage_bytes(self) -> int:
+        """Bytes held by the inner tensors."""
+        return sum(t.numel() * t.element_size() for t in self.fields().values())
+
+
+def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, preference: str | None = None):
+    """Call the kernel chosen for ``weight`` on ``x``'s device through the registry."""
+    kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel)
+    tensors, meta = weight.kernel_inputs()
+    return kernel.fn(x, tensors, meta, bias)
+
+
+def _dim(t: torch.Tensor, dim: int) -> int:
+    return dim % t.dim()
+
+
+@BlockQuantizedTensor.implements([aten.detach.default, aten.alias.default])
+def _detach(func, args, kwargs):
+    return return_view(func, args, kwargs, args[0].map_tensors(func))
+
+
+@BlockQuantizedTensor.implements(aten.clone.default)
+def _clone(func, args, kwargs):
+    return args[0].map_tensors(torch.clone)
+
+
+@BlockQuantizedTensor.implements(aten._to_copy.default)
+def _to_copy(func, args, kwargs):
+    self = args[0]
+    dtype = kwargs.get("dtype") or self.dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"{type(self).__name__} converts only to float dtypes; received {dtype}")
+    device = kwargs.get("device")
+    return self.map_tensors(lambda t: t.to(device) if device is not None else t.clone(), dtype=dtype)
+
+
+@BlockQuantizedTensor.implements(aten.copy_.default)
+def _copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    keys = ("qtype", "block_size", "packed_dim", "shape")
+    same = type(src) is type(dst) and all(src.meta[k] == dst.meta[k] for k in keys)
+    if not same or set(src.fields()) != set(dst.fields()):
+        received = src.meta if isinstance(src, QuantizedTensor) else f"a plain {src.dtype} tensor"
+        raise ValueError(
+            f"cannot copy into {type(dst).__name__} {dst.meta}: expected the same class, qtype, block_size "
+            f"and shape (a state dict from a model quantized with the same config); received {received}"
+        )
+    for name, t in dst.fields().items():
+        t.copy_(getattr(src, name))
+    return dst
+
+
+def transposed(self: BlockQuantizedTensor, dim0: int, dim1: int) -> BlockQuantizedTensor:
+    """Swap two dims of every inner tensor (a strided view, also for packed 4-bit data)."""
+    d0, d1 = _dim(self, dim0), _dim(self, dim1)
+    swap = {d0: d1, d1: d0}
+    order = [swap.get(d, d) for d in range(self.dim())]
+    packed = self.packed_dim
+    return self.map_tensors(
+        lambda t: t.transpose(d0, d1),
+        shape=[self.shape[d] for d in order],
+        block_size=tuple(self.block_size[d] for d in order),
+        packed_dim=None if packed is None else swap.get(packed, packed),
+    )
+
+
+@BlockQuantizedTensor.implements(aten.t.default)
+def _t(func, args, kwargs):
+    return return_view(func, args, kwargs, transposed(args[0], 0, 1))
+
+
+@BlockQuantizedTensor.implements(aten.transpose.int)
+def _transpose(func, args, kwargs):
+    return return_view(func, args, kwargs, transposed(*args))
+
+
+@BlockQuantizedTensor.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
+def _view(func, args, kwargs):
+    self, size = args[0], list(args[1])
+    if -1 in size:
+        known = math.prod(s for s in size if s != -1)
+        size[size.index(-1)] = self.numel() // max(known, 1)
+    per_tensor = all(s == 1 for s in self.scale.shape)
+    leading_only = size[-1] == self.shape[-1] and all(b == 1 for b in self.block_size[:-1])
+    packed_last = self.packed_dim in (None, self.dim() - 1)
+    if per_tensor and self.packed_dim is None:
+        params = {n: t.reshape([1] * len(size)) for n, t in self.fields().items() if n != "qdata"}
+        out = self.rebuild(**params, qdata=self.qdata.reshape(size), shape=size, block_size=tuple(size))
+    elif leading_only and packed_last:
+        out = self.map_tensors(
+            lambda t: t.reshape(size[:-1] + [t.shape[-1]]),
+            shape=size,
+            block_size=(1,) * (len(size) - 1) + (self.block_size[-1],),
+            packed_dim=None if self.packed_dim is None else len(size) - 1,
+        )
+    else:
+        raise NotImplementedError(
+            f"{type(self).__name__} with block_size {self.block_size} cannot be viewed as {tuple(size)} from "
+            f"{tuple(self.shape)}: only leading dims with one scale per index may be reshaped; call .dequantize() first"
+        )
+    return return_view(func, args, kwargs, out)
+
+
+def sliced(self: BlockQuantizedTensor, dim: int, start: int | None, end: int | None) -> BlockQuantizedTensor:
+    """Slice along ``dim``; ``start`` and ``end`` must fall on block boundaries."""
+    dim = _dim(self, dim)
+    size, block = self.shape[dim], self.block_size[dim]
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else min(end + size if end < 0 else end, size)
+    start = min(start, end)
+    if start % block or (end % block and end != size):
+        raise NotImplementedError(
+            f"{type(self).__name__} can be sliced along dim {dim} only at multiples of its block size {block}; "
+            f"received [{start}:{end}]"
+        )
+    index = [slice(None)] * self.dim()
+
+    def cut(t: torch.Tensor, step: int) -> torch.Tensor:
+        index[dim] = slice(start // step, -(-end // step))
+        return t[tuple(index)]
+
+    fields = {n: cut(t, block) for n, t in self.fields().items() if n != "qdata"}
+    fields["qdata"] = cut(self.qdata, 2 if dim == self.packed_dim else 1)
+    shape = list(self.shape)
+    shape[dim] = end - start
+    return self.rebuild(**fields, shape=shape)
+
+
+@BlockQuantizedTensor.implements(aten.slice.Tensor)
+def _slice(func, args, kwargs):
+    self = args[0]
+    params = {"dim": 0, "start": None, "end": None, "step": 1, **dict(zip(("dim", "start", "end", "step"), args[1:])), **kwargs}
+    dim, start, end, step = params["dim"], params["start"], params["end"], params["step"]
+    if step != 1:
+        raise NotImplementedError(f"{type(self).__name__} supports slicing with step 1 only; received step {step}")
+    return return_view(func, args, kwargs, sliced(self, dim, start, end))
+
+
+def split_sizes(size: int, split_size: int) -> list[int]:
+    return [min(split_size, size - i) for i in range(0, size, split_size)]
+
+
+@BlockQuantizedTensor.implements([aten.split.Tensor, aten.split_with_sizes.default])
+def _split(func, args, kwargs):
+    self, sizes = args[0], args[1]
+    dim = _dim(self, kwargs.get("dim", args[2] if len(args) > 2 else 0))
+    if isinstance(sizes, int):
+        sizes = split_sizes(self.shape[dim], sizes)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [sliced(self, dim, s, s + n) for s, n in zip(starts, sizes)]
+
+
+def _mm_like(a, b):
+    """a @ b with one quantized 2-D operand, through the linear kernel."""
+    if isinstance(b, BlockQuantizedTensor) and not isinstance(a, QuantizedTensor):
+        return run_kernel("linear", transposed(b, 0, 1), a)
+    if isinstance(a, BlockQuantizedTensor) and not isinstance(b, QuantizedTensor):
+        return run_kernel("linear", a, b.t()).t()
+    raise NotImplementedError(f"matmul needs exactly one quantized operand; received {type(a).__name__} @ {type(b).__name__}")
+
+
+@BlockQuantizedTensor.implements(aten.mm.default)
+def _mm(func, args, kwargs):
+    return _mm_like(args[0], args[1])
+
+
+@BlockQuantizedTensor.implements(aten.addmm.default)
+def _addmm(func, args, kwargs):
+    bias, a, b = args[:3]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    out = _mm_like(a, b)
+    return (bias if beta == 1 else beta * bias) + (out if alpha == 1 else alpha * out)
+
+
+@BlockQuantizedTensor.implements(aten.bmm.default)
+def _bmm(func, args, kwargs):
+    a, b = args
+    if not isinstance(b, BlockQuantizedTensor) or isinstance(a, QuantizedTensor):
+        raise NotImplementedError("bmm supports a plain batch times a quantized batch of matrices")
+    return run_kernel("bmm", b, a)
+
+
+@BlockQuantizedTensor.implements_function(F.linear)
+def _linear(input, weight, bias=None):
+    if not isinstance(weight, QuantizedTensor) or isinstance(input, QuantizedTensor):
+        raise NotImplementedError(
+            f"F.linear supports a plain input and a quantized weight; received input {type(input).__name__}, "
+            f"weight {type(weight).__name__}"
+        )
+    return run_kernel("linear", weight, input, bias)
+
+
+@BlockQuantizedTensor.implements_function(F.embedding)
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    if max_norm is not None:
+        raise ValueError(f"embedding max_norm renormalises the weight in place, which a quantized weight cannot; received max_norm={max_norm}")
+    if weight.dim() != 2 or weight.block_size[0] != 1:
+        raise NotImplementedError(f"quantized embedding needs a 2-D weight with one scale row per index; received {weight!r}")
+    return run_kernel("embedding", weight, input, preference="auto")
