@@ -5,7 +5,7 @@ Each config validates its own fields on construction and knows how to quantize o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -23,6 +23,11 @@ class QuantConfig:
     supports_embedding = False
     scheme: str
     kernel: str
+
+    def label(self) -> str:
+        """Class name with the fields that differ from their defaults, e.g. ``Int4WeightOnly(group_size=32)``."""
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def group_size_for(self, in_features: int) -> int | None:
         """The block length along the reduction dim (None: the whole row)."""

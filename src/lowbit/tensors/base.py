@@ -17,6 +17,7 @@ miss raises NotImplementedError naming the op and the class: nothing dequantizes
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -92,6 +93,14 @@ class QuantizedTensor(torch.Tensor):
     def __tensor_unflatten__(cls, inner_tensors, ctx, outer_size, outer_stride):
         meta, shape, dtype = ctx
         return cls(**inner_tensors, **dict(zip(cls.meta_names, meta)), shape=shape, dtype=dtype)
+
+    def _stable_hash_for_caching(self) -> str:
+        """Key for torch.compile's AOT autograd cache: class, metadata and inner tensor layouts."""
+        parts = [type(self).__qualname__, repr(self.meta)]
+        for name, t in self.fields().items():
+            inner = t._stable_hash_for_caching() if isinstance(t, QuantizedTensor) else (t.dtype, tuple(t.shape), t.stride(), t.device.type)
+            parts.append(f"{name}:{inner}")
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
     def __repr__(self):
         meta = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.meta_names)

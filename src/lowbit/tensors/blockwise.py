@@ -146,6 +146,15 @@ def sliced(self: BlockQuantizedTensor, dim: int, start: int | None, end: int | N
     start = 0 if start is None else (start + size if start < 0 else start)
     end = size if end is None else min(end + size if end < 0 else end, size)
     start = min(start, end)
+    whole = block == size  # one block along dim: any cut keeps every element's scale
+    if whole and dim != self.packed_dim:
+        block_size = list(self.block_size)
+        block_size[dim] = max(end - start, 1)
+        index = [slice(None)] * self.dim()
+        index[dim] = slice(start, end)
+        shape = list(self.shape)
+        shape[dim] = end - start
+        return self.rebuild(qdata=self.qdata[tuple(index)], shape=shape, block_size=tuple(block_size))
     if start % block or (end % block and end != size):
         raise NotImplementedError(
             f"{type(self).__name__} can be sliced along dim {dim} only at multiples of its block size {block}; "
@@ -232,6 +241,6 @@ def _linear(input, weight, bias=None):
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
     if max_norm is not None:
         raise ValueError(f"embedding max_norm renormalises the weight in place, which a quantized weight cannot; received max_norm={max_norm}")
-    if weight.dim() != 2 or weight.block_size[0] != 1:
-        raise NotImplementedError(f"quantized embedding needs a 2-D weight with one scale row per index; received {weight!r}")
+    if weight.dim() != 2:
+        raise NotImplementedError(f"quantized embedding needs a 2-D weight; received {weight!r}")
     return run_kernel("embedding", weight, input, preference="auto")

