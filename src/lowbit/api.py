@@ -80,24 +80,32 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
 
 
 class WeightHandler:
-    """Weight-only and dynamic-activation configs on nn.Linear (and nn.Embedding where supported)."""
+    """Weight-only and dynamic configs on the 2-D ``weight`` of nn.Linear, of nn.Embedding (weight-only
+    configs) and of any module a filter_fn selects that uses its weight through ``F.linear``."""
 
     def validate(self, targets, config, module_swap):
         for fqn, module in targets:
-            allowed = (nn.Linear,) if module_swap or not config.supports_embedding else (nn.Linear, nn.Embedding)
-            if not isinstance(module, allowed):
-                names = " or ".join(f"nn.{t.__name__}" for t in allowed)
-                raise ValueError(f"{type(config).__name__} quantizes {names}; filter_fn selected {fqn!r} of type {type(module).__name__}")
             name = f"{fqn}.weight" if fqn else "weight"
-            weight = module.weight
+            weight = getattr(module, "weight", None)
+            if module_swap and not isinstance(module, nn.Linear):
+                raise ValueError(f"module_swap replaces nn.Linear only; filter_fn selected {fqn!r} of type {type(module).__name__}")
+            if isinstance(module, nn.Embedding) and not config.supports_embedding:
+                raise ValueError(f"{type(config).__name__} quantizes linear weights only; filter_fn selected the nn.Embedding {fqn!r}")
+            if not isinstance(weight, torch.Tensor):
+                raise ValueError(
+                    f"{type(config).__name__} quantizes the 2-D `weight` of nn.Linear, nn.Embedding or a module using it "
+                    f"through F.linear; filter_fn selected {fqn!r} of type {type(module).__name__}, which has no weight tensor"
+                )
             if isinstance(weight, QuantizedTensor):
                 raise ValueError(f"{name} is already quantized ({type(weight).__name__}); expected a float weight")
             if weight.dtype not in _FLOAT_DTYPES or weight.dim() != 2:
                 raise ValueError(f"{name}: expected a 2-D float32/bfloat16/float16 weight; received {weight.dtype} of shape {tuple(weight.shape)}")
             config.check_weight(weight, name)
             check_finite(weight.detach(), name)
-            select_kernel("linear" if isinstance(module, nn.Linear) else "embedding", config.scheme, weight.device.type,
-                          config.kernel if isinstance(module, nn.Linear) else "auto")
+            if isinstance(module, nn.Embedding):
+                select_kernel("embedding", config.scheme, weight.device.type, "auto")
+            else:
+                select_kernel("linear", config.scheme, weight.device.type, config.kernel)
 
     def apply(self, model, targets, config, module_swap):
         done: dict[int, nn.Parameter] = {}  # tied weights are quantized once and stay tied

