@@ -452,11 +452,6 @@ def test_quantize_weight_matches_parts():
     assert torch.equal(q, quantize(w, s2, z2, (1, 4), "uint4"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="choose_qparams rounds the scale to a bf16 scale_dtype to nearest, so it can round down and "
-    "the block's extreme value clamps with an error above scale/2 (asymmetric ranges)",
-)
 def test_bf16_scale_keeps_half_scale_bound_asymmetric():
     x = torch.tensor([[-11.0625, 12.375]])
     scale, zp = choose_qparams(x, (1, 2), "uint8", symmetric=False, scale_dtype=torch.bfloat16)

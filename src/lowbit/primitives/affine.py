@@ -71,18 +71,24 @@ def choose_qparams(
         check_finite(x, name)
     xb = to_blocks(x, block_size).float()
     dims = block_dims(x.dim())
-    tiny = torch.finfo(scale_dtype).tiny
     if symmetric or qt.is_float:
         if not symmetric:
             raise ValueError(f"{qt.name} quantization is symmetric; received symmetric=False")
         amax = xb.abs().amax(dim=dims)
-        scale = (amax / qt.qmax).to(scale_dtype).clamp(min=tiny)
-        return scale, None
+        return _round_up(amax / qt.qmax, scale_dtype), None
     min_neg = xb.amin(dim=dims).clamp(max=0)
     max_pos = xb.amax(dim=dims).clamp(min=0)
-    scale = ((max_pos - min_neg) / (qt.qmax - qt.qmin)).to(scale_dtype).clamp(min=tiny)
+    scale = _round_up((max_pos - min_neg) / (qt.qmax - qt.qmin), scale_dtype)
     zero_point = (qt.qmin - torch.round(min_neg / scale.float())).clamp(qt.qmin, qt.qmax)
     return scale, zero_point.to(qt.storage)
+
+
+def _round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a float32 scale to ``dtype`` never rounding down (a smaller scale would clip the block's
+    extremes), floored at the dtype's smallest normal."""
+    cast = scale.to(dtype)
+    cast = torch.where(cast.float() < scale, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
+    return cast.clamp(min=torch.finfo(dtype).tiny)
 
 
 def quantize(
