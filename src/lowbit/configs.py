@@ -12,6 +12,7 @@ import torch
 from .primitives.blocks import per_axis_block, per_group_block, per_token_block
 from .primitives.qtypes import float8_qtype
 from .tensors import ActivationQuant, DynamicActivationTensor, Float8Tensor, Int4Tensor, Int8Tensor
+from .tensors.blockwise import with_packing
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 FLOAT8_GRANULARITIES = ("per_row", "per_tensor")
@@ -42,6 +43,11 @@ class QuantConfig:
                 f"of {group}; received weight shape {tuple(weight.shape)}"
             )
 
+    def block_size_for(self, shape) -> tuple[int, ...]:
+        """The block size this config gives a weight of ``shape`` (per-channel or per-group)."""
+        group = getattr(self, "group_size", None)
+        return per_group_block(shape, group) if group else per_axis_block(shape, 0)
+
     def quantize_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError
 
@@ -54,10 +60,6 @@ def _check_group_size(config, allowed=None) -> None:
         raise ValueError(f"{type(config).__name__} group_size must be one of {allowed}; received {group}")
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"{type(config).__name__} group_size must be a positive int or None; received {group!r}")
-
-
-def _block(weight: torch.Tensor, group_size: int | None) -> tuple[int, ...]:
-    return per_group_block(weight.shape, group_size) if group_size else per_axis_block(weight.shape, 0)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class Int8WeightOnly(QuantConfig):
         _check_group_size(self)
 
     def quantize_weight(self, weight, name):
-        return Int8Tensor.from_float(weight, _block(weight, self.group_size), kernel=self.kernel, name=name)
+        block = self.block_size_for(weight.shape)
+        return with_packing(Int8Tensor.from_float(weight, block, kernel=self.kernel, name=name))
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,8 @@ class Int4WeightOnly(QuantConfig):
         _check_group_size(self, INT4_GROUP_SIZES)
 
     def quantize_weight(self, weight, name):
-        block = per_group_block(weight.shape, self.group_size)
-        return Int4Tensor.from_float(weight, block, symmetric=self.symmetric, kernel=self.kernel, name=name)
+        block = self.block_size_for(weight.shape)
+        return with_packing(Int4Tensor.from_float(weight, block, symmetric=self.symmetric, kernel=self.kernel, name=name))
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ class Int8DynamicActivation(QuantConfig):
         _check_group_size(self)
 
     def quantize_weight(self, weight, name):
-        inner = Int8Tensor.from_float(weight, _block(weight, self.group_size), kernel=self.kernel, name=name)
+        inner = Int8Tensor.from_float(weight, self.block_size_for(weight.shape), kernel=self.kernel, name=name)
         return DynamicActivationTensor.wrap(inner, ActivationQuant("int8", "per_token", self.act_symmetric))
 
 
@@ -133,9 +136,8 @@ class Float8WeightOnly(QuantConfig):
         float8_qtype(self.float8_dtype)
 
     def quantize_weight(self, weight, name):
-        return Float8Tensor.from_float(
-            weight, per_axis_block(weight.shape, 0), float8_dtype=self.float8_dtype, kernel=self.kernel, name=name
-        )
+        block = self.block_size_for(weight.shape)
+        return with_packing(Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name))
 
 
 @dataclass(frozen=True)
@@ -152,9 +154,12 @@ class Float8DynamicActivation(QuantConfig):
             raise ValueError(f"granularity must be one of {FLOAT8_GRANULARITIES}; received {self.granularity!r}")
         float8_qtype(self.float8_dtype)
 
+    def block_size_for(self, shape):
+        return per_token_block(shape) if self.granularity == "per_row" else tuple(shape)
+
     def quantize_weight(self, weight, name):
         per_row = self.granularity == "per_row"
-        block = per_token_block(weight.shape) if per_row else tuple(weight.shape)
+        block = self.block_size_for(weight.shape)
         inner = Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name)
         act = ActivationQuant(float8_qtype(self.float8_dtype).name, "per_token" if per_row else "per_tensor", True)
         return DynamicActivationTensor.wrap(inner, act)

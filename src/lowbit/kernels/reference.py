@@ -57,7 +57,8 @@ def _bmm(x, tensors, meta, bias):
 def _embedding(indices, tensors, meta, bias):
     """Gather the quantized rows first, then dequantize only those rows."""
     block_rows = meta["block_size"][0]
-    rows = {name: t[indices if name == "qdata" else indices // block_rows] for name, t in tensors.items()}  # (*I, ...)
+    names = [n for n in ("qdata", "scale", "zero_point") if n in tensors]
+    rows = {n: tensors[n][indices if n == "qdata" else indices // block_rows] for n in names}  # (*I, ...)
     block = (1,) * indices.dim() + tuple(meta["block_size"][1:])
     packed_dim = meta["packed_dim"]
     row_meta = dict(meta, block_size=block, packed_dim=None if packed_dim is None else indices.dim())

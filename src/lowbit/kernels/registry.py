@@ -29,6 +29,9 @@ class Kernel:
         devices: device types it runs on.
         priority: higher wins under ``"auto"``.
         requires: returns None when runnable on a device type, else a reason it is not.
+        granularities: weight granularities it handles (see :func:`granularity`); None: any.
+        pack: ``pack(tensors, meta) -> dict`` run once at quantize/load time; its tensors reach
+            ``fn`` as ``tensors["packed"]`` / ``tensors["packed_aux"]``.
     """
 
     op: str
@@ -38,12 +41,26 @@ class Kernel:
     devices: frozenset[str] = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
     priority: int = 0
     requires: Callable[[str], str | None] | None = None
+    granularities: frozenset[str] | None = None
+    pack: Callable[[dict, dict], dict] | None = None
 
-    def missing(self, device_type: str) -> str | None:
-        """Why this kernel cannot run on ``device_type``, or None if it can."""
+    def missing(self, device_type: str, granularity: str = "any") -> str | None:
+        """Why this kernel cannot run on ``device_type`` for weights of ``granularity``, or None."""
         if device_type not in self.devices:
             return f"runs on {sorted(self.devices)}, not {device_type}"
+        if self.granularities is not None and granularity not in self.granularities:
+            return f"handles {sorted(self.granularities)} weights, not {granularity}"
         return self.requires(device_type) if self.requires else None
+
+
+def granularity(meta) -> str:
+    """Classify a weight's blocks: per_tensor, per_row (one scale per output row), per_group or other."""
+    shape, block = tuple(meta["shape"]), tuple(meta["block_size"])
+    if block == shape:
+        return "per_tensor"
+    if all(b == 1 for b in block[:-1]):
+        return "per_row" if block[-1] == shape[-1] else "per_group"
+    return "other"
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
@@ -58,6 +75,8 @@ def register_kernel(
     devices: tuple[str, ...] = ("cpu", "cuda"),
     priority: int = 0,
     requires: Callable[[str], str | None] | None = None,
+    granularities: tuple[str, ...] | None = None,
+    pack: Callable[[dict, dict], dict] | None = None,
 ) -> Callable[[KernelFn], KernelFn]:
     """Decorator registering ``fn(x, tensors, meta, bias)`` as kernel ``name`` for (op, scheme).
 
@@ -71,7 +90,8 @@ def register_kernel(
         kernels = _KERNELS.setdefault((op, scheme), [])
         if any(k.name == name for k in kernels):
             raise ValueError(f"kernel {name!r} is already registered for ({op!r}, {scheme!r})")
-        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires))
+        grans = None if granularities is None else frozenset(granularities)
+        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack))
         kernels.sort(key=lambda k: -k.priority)
         _CHOSEN.clear()
         return fn
@@ -84,33 +104,33 @@ def kernel_names(op: str, scheme: str) -> list[str]:
     return [k.name for k in _KERNELS.get((op, scheme), [])]
 
 
-def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto") -> Kernel:
-    """Resolve a kernel preference for a device type, raising rather than substituting.
+def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto", granularity: str = "any") -> Kernel:
+    """Resolve a kernel preference for a device type and weight granularity, raising rather than substituting.
 
     Example:
         >>> select_kernel("linear", "int8", "cpu", "reference").name
         'reference'
     """
-    key = (op, scheme, device_type, preference)
+    key = (op, scheme, device_type, preference, granularity)
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _resolve(op, scheme, device_type, preference)
+        chosen = _resolve(*key)
         _CHOSEN[key] = chosen
     return chosen
 
 
-def _resolve(op: str, scheme: str, device_type: str, preference: str) -> Kernel:
+def _resolve(op: str, scheme: str, device_type: str, preference: str, granularity: str) -> Kernel:
     kernels = _KERNELS.get((op, scheme))
     if not kernels:
         raise NotImplementedError(f"lowbit has no {op!r} kernel for {scheme!r} weights")
     if preference == "auto":
         for kernel in kernels:
-            if kernel.missing(device_type) is None:
+            if kernel.missing(device_type, granularity) is None:
                 return kernel
-        raise RuntimeError(f"no {op!r} kernel for {scheme!r} weights can run on {device_type}")
+        raise RuntimeError(f"no {op!r} kernel for {scheme!r} {granularity} weights can run on {device_type}")
     for kernel in kernels:
         if kernel.name == preference:
-            reason = kernel.missing(device_type)
+            reason = kernel.missing(device_type, granularity)
             if reason is not None:
                 raise RuntimeError(f"kernel {preference!r} for {op} on {scheme!r} weights cannot run here: {reason}")
             return kernel

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..primitives.qtypes import get_qtype
 from .base import QuantizedTensor, return_view
-from .blockwise import BlockQuantizedTensor, run_kernel
+from .blockwise import BlockQuantizedTensor, run_kernel, with_packing
 
 aten = torch.ops.aten
 
@@ -55,6 +55,8 @@ class DynamicActivationTensor(QuantizedTensor):
 
     @classmethod
     def wrap(cls, weight: BlockQuantizedTensor, activation: ActivationQuant) -> "DynamicActivationTensor":
+        """Wrap ``weight``, packing it for this scheme's linear kernel."""
+        weight = with_packing(weight, f"{weight.scheme}_dynamic")
         return cls(weight=weight, activation=activation, shape=weight.shape, dtype=weight.dtype)
 
     @property
@@ -87,9 +89,18 @@ def _view_like(func, args, kwargs):
     return return_view(func, args, kwargs, args[0].with_weight(func(args[0].weight, *args[1:], **kwargs)))
 
 
-@DynamicActivationTensor.implements([aten.clone.default, aten._to_copy.default])
-def _copy_like(func, args, kwargs):
+@DynamicActivationTensor.implements(aten.clone.default)
+def _clone(func, args, kwargs):
     return args[0].with_weight(func(args[0].weight, *args[1:], **kwargs))
+
+
+@DynamicActivationTensor.implements(aten._to_copy.default)
+def _to_copy(func, args, kwargs):
+    self = args[0]
+    moved = func(self.weight, *args[1:], **kwargs)
+    if moved.device != self.device:
+        moved = with_packing(moved, self.scheme)  # packed for this scheme's kernel on the new device
+    return self.with_weight(moved)
 
 
 @DynamicActivationTensor.implements([aten.split.Tensor, aten.split_with_sizes.default])

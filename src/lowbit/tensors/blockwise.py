@@ -15,37 +15,57 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.reference import dequantize_weight
-from ..kernels.registry import select_kernel
+from ..kernels.registry import granularity, select_kernel
 from .base import QuantizedTensor, return_view
 
 aten = torch.ops.aten
+PACKED_NAMES = ("packed", "packed_aux")  # a kernel's own layout, made by its pack() at quantize time
 
 
 class BlockQuantizedTensor(QuantizedTensor):
     """Values quantized in blocks, one scale (and optional integer zero point) per block."""
 
     tensor_names = ("qdata", "scale")
-    optional_tensor_names = ("zero_point",)
+    optional_tensor_names = ("zero_point",) + PACKED_NAMES
     meta_names = ("qtype", "block_size", "packed_dim", "kernel")
     scheme: ClassVar[str] = "block"
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_weight(self.fields(), self.meta, dtype or self.dtype)
 
+    def canonical(self) -> "BlockQuantizedTensor":
+        """The same tensor without kernel-packed fields (what views and files carry)."""
+        if all(getattr(self, n) is None for n in PACKED_NAMES):
+            return self
+        return self.rebuild(**{n: None for n in PACKED_NAMES})
+
     def kernel_inputs(self) -> tuple[dict, dict]:
         """Plain tensors and metadata handed to kernels."""
         return self.fields(), self.meta
 
     def storage_bytes(self) -> int:
-        """Bytes held by the inner tensors."""
+        """Bytes held by the inner tensors, packed layouts included."""
         return sum(t.numel() * t.element_size() for t in self.fields().values())
 
 
 def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, preference: str | None = None):
     """Call the kernel chosen for ``weight`` on ``x``'s device through the registry."""
-    kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel)
     tensors, meta = weight.kernel_inputs()
+    kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel, granularity(meta))
     return kernel.fn(x, tensors, meta, bias)
+
+
+def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> BlockQuantizedTensor:
+    """Attach the packed layout of the linear kernel chosen for ``weight`` (once, not per call).
+
+    ``scheme`` overrides the weight's own (a dynamic-activation wrapper packs its inner weight
+    for its own kernel).
+    """
+    canonical = weight.canonical()
+    kernel = select_kernel("linear", scheme or weight.scheme, weight.device.type, weight.kernel, granularity(weight.meta))
+    if kernel.pack is None:
+        return canonical
+    return canonical.rebuild(**kernel.pack(canonical.fields(), canonical.meta))
 
 
 def _dim(t: torch.Tensor, dim: int) -> int:
@@ -69,7 +89,10 @@ def _to_copy(func, args, kwargs):
     if not dtype.is_floating_point:
         raise ValueError(f"{type(self).__name__} converts only to float dtypes; received {dtype}")
     device = kwargs.get("device")
-    return self.map_tensors(lambda t: t.to(device) if device is not None else t.clone(), dtype=dtype)
+    if device is None or torch.device(device) == self.device:
+        return self.map_tensors(torch.clone, dtype=dtype)
+    moved = self.canonical().map_tensors(lambda t: t.to(device), dtype=dtype)
+    return moved if self.packed is None and self.packed_aux is None else with_packing(moved)
 
 
 @BlockQuantizedTensor.implements(aten.copy_.default)
@@ -77,14 +100,20 @@ def _copy_(func, args, kwargs):
     dst, src = args[0], args[1]
     keys = ("qtype", "block_size", "packed_dim", "shape")
     same = type(src) is type(dst) and all(src.meta[k] == dst.meta[k] for k in keys)
-    if not same or set(src.fields()) != set(dst.fields()):
+    if not same or set(src.canonical().fields()) != set(dst.canonical().fields()):
         received = src.meta if isinstance(src, QuantizedTensor) else f"a plain {src.dtype} tensor"
         raise ValueError(
             f"cannot copy into {type(dst).__name__} {dst.meta}: expected the same class, qtype, block_size "
             f"and shape (a state dict from a model quantized with the same config); received {received}"
         )
-    for name, t in dst.fields().items():
+    for name, t in dst.canonical().fields().items():
         t.copy_(getattr(src, name))
+    wanted = [n for n in PACKED_NAMES if getattr(dst, n) is not None]
+    if any(getattr(src, n) is None for n in wanted):  # a canonical source: pack it for dst's kernel
+        src = with_packing(dst)
+    for name in wanted:
+        if getattr(src, name) is not None:
+            getattr(dst, name).copy_(getattr(src, name))
     return dst
 
 
@@ -94,7 +123,7 @@ def transposed(self: BlockQuantizedTensor, dim0: int, dim1: int) -> BlockQuantiz
     swap = {d0: d1, d1: d0}
     order = [swap.get(d, d) for d in range(self.dim())]
     packed = self.packed_dim
-    return self.map_tensors(
+    return self.canonical().map_tensors(
         lambda t: t.transpose(d0, d1),
         shape=[self.shape[d] for d in order],
         block_size=tuple(self.block_size[d] for d in order),
@@ -114,7 +143,7 @@ def _transpose(func, args, kwargs):
 
 @BlockQuantizedTensor.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
 def _view(func, args, kwargs):
-    self, size = args[0], list(args[1])
+    self, size = args[0].canonical(), list(args[1])
     if -1 in size:
         known = math.prod(s for s in size if s != -1)
         size[size.index(-1)] = self.numel() // max(known, 1)
@@ -141,6 +170,7 @@ def _view(func, args, kwargs):
 
 def sliced(self: BlockQuantizedTensor, dim: int, start: int | None, end: int | None) -> BlockQuantizedTensor:
     """Slice along ``dim``; ``start`` and ``end`` must fall on block boundaries."""
+    self = self.canonical()
     dim = _dim(self, dim)
     size, block = self.shape[dim], self.block_size[dim]
     start = 0 if start is None else (start + size if start < 0 else start)

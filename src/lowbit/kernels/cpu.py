@@ -1,0 +1,80 @@
+"""Fast CPU kernels built on integer GEMMs that ship inside PyTorch (``torch._int_mm``, oneDNN).
+
+Numerics guarantees: integer products accumulate in int32 without saturation (full 8-bit range,
+no ``reduce_range``); activation scales follow the same primitives as the reference path, so the
+two agree up to float rounding of the final scaling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..primitives.affine import choose_qparams, quantize
+from .registry import register_kernel
+
+_TINY = torch.finfo(torch.float32).tiny
+_SPLIT_MAX = 127 * 256 + 127  # largest 16-bit value whose high byte stays in int8
+
+
+def quantize_activation_int8(x2d: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dynamic int8 quantization of a (M, K) activation: ``(q int8, scale (M,1) or (1,1), zero_point float or None)``."""
+    block = (1, x2d.shape[1]) if act.granularity == "per_token" else tuple(x2d.shape)
+    scale, zero_point = choose_qparams(x2d, block, "int8", symmetric=act.symmetric, ignore_nonfinite=True)
+    q = quantize(x2d, scale, zero_point, block, "int8", saturate_nonfinite=True)
+    return q, scale, None if zero_point is None else zero_point.float()
+
+
+def _weight_colsum(tensors, meta) -> dict:
+    """Per-output-row sum of int8 weights, for the activation zero-point correction."""
+    return {"packed_aux": tensors["qdata"].sum(-1, dtype=torch.int32).float()}  # (N,)
+
+
+def _finish(acc: torch.Tensor, row_scale: torch.Tensor, w_scale: torch.Tensor, bias, shape, dtype) -> torch.Tensor:
+    out = acc * (row_scale * w_scale.reshape(1, -1))  # (M, N)
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*shape[:-1], -1).to(dtype)
+
+
+def _straight_through(out: torch.Tensor, x: torch.Tensor, bias, weight) -> torch.Tensor:
+    """Keep ``out``'s value; give autograd the float linear's gradients (integer GEMMs have none)."""
+    grad_bias = bias is not None and bias.requires_grad
+    if not torch.is_grad_enabled() or not (x.requires_grad or grad_bias):
+        return out
+    from .reference import dequantize_weight
+
+    zero_bias = None if bias is None else bias - bias.detach()
+    w = dequantize_weight(*weight, x.dtype)
+    return out.detach() + torch.nn.functional.linear(x - x.detach(), w, zero_bias)
+
+
+@register_kernel("linear", "int8_dynamic", "int_mm", devices=("cpu",), priority=10,
+                 granularities=("per_row",), pack=_weight_colsum)
+def int8_dynamic_int_mm(x, tensors, meta, bias):
+    """int8 x int8 -> int32 GEMM; y = (acc - zp_x * colsum_w) * s_x * s_w + bias."""
+    x2d = x.reshape(-1, x.shape[-1])
+    q, x_scale, x_zero = quantize_activation_int8(x2d, meta["activation"])
+    acc = torch._int_mm(q, tensors["qdata"].t()).float()  # (M, N) exact int32 sums
+    if x_zero is not None:
+        acc = acc - x_zero * tensors["packed_aux"]
+    out = _finish(acc, x_scale.float(), tensors["scale"].float(), bias, x.shape, x.dtype)
+    return _straight_through(out, x, bias, (tensors, meta))
+
+
+@register_kernel("linear", "int8", "int_mm16", devices=("cpu",), priority=10, granularities=("per_row",))
+def int8_weight_int_mm16(x, tensors, meta, bias):
+    """Weight-only int8 through two int8 GEMMs on a 16-bit split of the activation.
+
+    Each token is scaled to 16 bits (``x = s * (256 * hi + lo)``, hi and lo in int8), so the
+    activation keeps 1/32639 of its row maximum as resolution: far below the int8 weight error.
+    """
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    stats = torch.nan_to_num(x2d, nan=0.0, posinf=0.0, neginf=0.0)
+    scale = (stats.abs().amax(-1, keepdim=True) / _SPLIT_MAX).clamp(min=_TINY)  # (M, 1)
+    xi = torch.nan_to_num(torch.round(x2d / scale), nan=0.0).clamp(-_SPLIT_MAX, _SPLIT_MAX)
+    hi = torch.floor((xi + 128) / 256)  # [-127, 127]
+    lo = xi - 256 * hi  # [-128, 127]
+    w_t = tensors["qdata"].t()
+    acc = torch._int_mm(hi.to(torch.int8), w_t).float() * 256 + torch._int_mm(lo.to(torch.int8), w_t).float()
+    out = _finish(acc, scale, tensors["scale"].float(), bias, x.shape, x.dtype)
+    return _straight_through(out, x, bias, (tensors, meta))
