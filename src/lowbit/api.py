@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .configs import CONFIGS, QuantConfig
-from .kernels.registry import granularity, select_kernel
+from .kernels.registry import layout, select_kernel
 from .modules import QuantizedLinear
 from .primitives.affine import check_finite
 from .tensors.base import QuantizedTensor
@@ -105,8 +105,8 @@ class WeightHandler:
             if isinstance(module, nn.Embedding):
                 select_kernel("embedding", config.scheme, weight.device.type, "auto")
             else:
-                planned = {"shape": tuple(weight.shape), "block_size": config.block_size_for(weight.shape)}
-                select_kernel("linear", config.scheme, weight.device.type, config.kernel, granularity(planned))
+                planned = {"shape": tuple(weight.shape), "block_size": config.block_size_for(weight.shape), "qtype": config.qtype}
+                select_kernel("linear", config.scheme, weight.device.type, config.kernel, layout(planned))
 
     def apply(self, model, targets, config, module_swap):
         done: dict[int, nn.Parameter] = {}  # tied weights are quantized once and stay tied

@@ -24,6 +24,7 @@ class QuantConfig:
     supports_embedding = False
     scheme: str
     kernel: str
+    qtype: str  # the weight's qtype name
 
     def label(self) -> str:
         """Class name with the fields that differ from their defaults, e.g. ``Int4WeightOnly(group_size=32)``."""
@@ -74,6 +75,7 @@ class Int8WeightOnly(QuantConfig):
     group_size: int | None = None
     kernel: str = "auto"
     scheme = "int8"
+    qtype = "int8"
     supports_embedding = True
 
     def __post_init__(self):
@@ -92,6 +94,10 @@ class Int4WeightOnly(QuantConfig):
     symmetric: bool = False
     kernel: str = "auto"
     scheme = "int4"
+
+    @property
+    def qtype(self) -> str:
+        return "int4" if self.symmetric else "uint4"
     supports_embedding = True
 
     def __post_init__(self):
@@ -114,6 +120,7 @@ class Int8DynamicActivation(QuantConfig):
     group_size: int | None = None
     kernel: str = "auto"
     scheme = "int8_dynamic"
+    qtype = "int8"
 
     def __post_init__(self):
         _check_group_size(self)
@@ -130,6 +137,10 @@ class Float8WeightOnly(QuantConfig):
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     kernel: str = "auto"
     scheme = "float8"
+
+    @property
+    def qtype(self) -> str:
+        return float8_qtype(self.float8_dtype).name
     supports_embedding = True
 
     def __post_init__(self):
@@ -148,6 +159,10 @@ class Float8DynamicActivation(QuantConfig):
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     kernel: str = "auto"
     scheme = "float8_dynamic"
+
+    @property
+    def qtype(self) -> str:
+        return float8_qtype(self.float8_dtype).name
 
     def __post_init__(self):
         if self.granularity not in FLOAT8_GRANULARITIES:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .kernels.registry import granularity, select_kernel
+from .kernels.registry import layout, select_kernel
 
 
 class QuantizedLinear(nn.Module):
@@ -40,7 +40,7 @@ class QuantizedLinear(nn.Module):
         return cls(linear.in_features, linear.out_features, weight.scheme, tensors, meta, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = select_kernel("linear", self.scheme, x.device.type, self.meta["kernel"], granularity(self.meta))
+        kernel = select_kernel("linear", self.scheme, x.device.type, self.meta["kernel"], layout(self.meta))
         tensors = {name: getattr(self, name) for name in self.tensor_names}
         return kernel.fn(x, tensors, self.meta, self.bias)
 

@@ -55,7 +55,8 @@ def test_linear_matches_dequantized(make, weight):
     expected = F.linear(x, q.dequantize(), bias)
     torch.testing.assert_close(F.linear(x, q, bias), expected)
     fast = F.linear(x, with_packing(q.rebuild(kernel="auto")), bias)  # float rounding differs, not the math
-    assert ((fast - expected).norm() / expected.norm()).item() < 2e-4
+    bf16_compute = q.qtype != "int8"  # fast int4/float8 CPU kernels multiply in bfloat16
+    assert ((fast - expected).norm() / expected.norm()).item() < (5e-3 if bf16_compute else 2e-4)
 
 
 def test_matmul_family(make, weight):

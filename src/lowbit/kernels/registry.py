@@ -29,7 +29,8 @@ class Kernel:
         devices: device types it runs on.
         priority: higher wins under ``"auto"``.
         requires: returns None when runnable on a device type, else a reason it is not.
-        granularities: weight granularities it handles (see :func:`granularity`); None: any.
+        granularities: weight granularities it handles (see :func:`layout`); None: any.
+        qtypes: weight qtype names it handles; None: any.
         pack: ``pack(tensors, meta) -> dict`` run once at quantize/load time; its tensors reach
             ``fn`` as ``tensors["packed"]`` / ``tensors["packed_aux"]``.
     """
@@ -43,24 +44,30 @@ class Kernel:
     requires: Callable[[str], str | None] | None = None
     granularities: frozenset[str] | None = None
     pack: Callable[[dict, dict], dict] | None = None
+    qtypes: frozenset[str] | None = None
 
-    def missing(self, device_type: str, granularity: str = "any") -> str | None:
-        """Why this kernel cannot run on ``device_type`` for weights of ``granularity``, or None."""
+    def missing(self, device_type: str, weight_layout: str = "any/any") -> str | None:
+        """Why this kernel cannot run on ``device_type`` for weights of ``weight_layout``, or None."""
+        granularity, qtype = weight_layout.split("/")
         if device_type not in self.devices:
             return f"runs on {sorted(self.devices)}, not {device_type}"
         if self.granularities is not None and granularity not in self.granularities:
             return f"handles {sorted(self.granularities)} weights, not {granularity}"
+        if self.qtypes is not None and qtype not in self.qtypes:
+            return f"handles {sorted(self.qtypes)} weights, not {qtype}"
         return self.requires(device_type) if self.requires else None
 
 
-def granularity(meta) -> str:
-    """Classify a weight's blocks: per_tensor, per_row (one scale per output row), per_group or other."""
+def layout(meta) -> str:
+    """``"granularity/qtype"`` of a weight; granularity is per_tensor, per_row, per_group or other."""
     shape, block = tuple(meta["shape"]), tuple(meta["block_size"])
     if block == shape:
-        return "per_tensor"
-    if all(b == 1 for b in block[:-1]):
-        return "per_row" if block[-1] == shape[-1] else "per_group"
-    return "other"
+        granularity = "per_tensor"
+    elif all(b == 1 for b in block[:-1]):
+        granularity = "per_row" if block[-1] == shape[-1] else "per_group"
+    else:
+        granularity = "other"
+    return f"{granularity}/{meta['qtype']}"
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
@@ -77,6 +84,7 @@ def register_kernel(
     requires: Callable[[str], str | None] | None = None,
     granularities: tuple[str, ...] | None = None,
     pack: Callable[[dict, dict], dict] | None = None,
+    qtypes: tuple[str, ...] | None = None,
 ) -> Callable[[KernelFn], KernelFn]:
     """Decorator registering ``fn(x, tensors, meta, bias)`` as kernel ``name`` for (op, scheme).
 
@@ -91,7 +99,8 @@ def register_kernel(
         if any(k.name == name for k in kernels):
             raise ValueError(f"kernel {name!r} is already registered for ({op!r}, {scheme!r})")
         grans = None if granularities is None else frozenset(granularities)
-        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack))
+        types = None if qtypes is None else frozenset(qtypes)
+        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack, types))
         kernels.sort(key=lambda k: -k.priority)
         _CHOSEN.clear()
         return fn
@@ -104,14 +113,14 @@ def kernel_names(op: str, scheme: str) -> list[str]:
     return [k.name for k in _KERNELS.get((op, scheme), [])]
 
 
-def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto", granularity: str = "any") -> Kernel:
-    """Resolve a kernel preference for a device type and weight granularity, raising rather than substituting.
+def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto", weight_layout: str = "any/any") -> Kernel:
+    """Resolve a kernel preference for a device type and weight layout, raising rather than substituting.
 
     Example:
         >>> select_kernel("linear", "int8", "cpu", "reference").name
         'reference'
     """
-    key = (op, scheme, device_type, preference, granularity)
+    key = (op, scheme, device_type, preference, weight_layout)
     chosen = _CHOSEN.get(key)
     if chosen is None:
         chosen = _resolve(*key)
@@ -119,18 +128,18 @@ def select_kernel(op: str, scheme: str, device_type: str, preference: str = "aut
     return chosen
 
 
-def _resolve(op: str, scheme: str, device_type: str, preference: str, granularity: str) -> Kernel:
+def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_layout: str) -> Kernel:
     kernels = _KERNELS.get((op, scheme))
     if not kernels:
         raise NotImplementedError(f"lowbit has no {op!r} kernel for {scheme!r} weights")
     if preference == "auto":
         for kernel in kernels:
-            if kernel.missing(device_type, granularity) is None:
+            if kernel.missing(device_type, weight_layout) is None:
                 return kernel
-        raise RuntimeError(f"no {op!r} kernel for {scheme!r} {granularity} weights can run on {device_type}")
+        raise RuntimeError(f"no {op!r} kernel for {scheme!r} {weight_layout} weights can run on {device_type}")
     for kernel in kernels:
         if kernel.name == preference:
-            reason = kernel.missing(device_type, granularity)
+            reason = kernel.missing(device_type, weight_layout)
             if reason is not None:
                 raise RuntimeError(f"kernel {preference!r} for {op} on {scheme!r} weights cannot run here: {reason}")
             return kernel

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.reference import dequantize_weight
-from ..kernels.registry import granularity, select_kernel
+from ..kernels.registry import layout, select_kernel
 from .base import QuantizedTensor, return_view
 
 aten = torch.ops.aten
@@ -51,7 +51,7 @@ class BlockQuantizedTensor(QuantizedTensor):
 def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, preference: str | None = None):
     """Call the kernel chosen for ``weight`` on ``x``'s device through the registry."""
     tensors, meta = weight.kernel_inputs()
-    kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel, granularity(meta))
+    kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel, layout(meta))
     return kernel.fn(x, tensors, meta, bias)
 
 
@@ -62,7 +62,7 @@ def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> Blo
     for its own kernel).
     """
     canonical = weight.canonical()
-    kernel = select_kernel("linear", scheme or weight.scheme, weight.device.type, weight.kernel, granularity(weight.meta))
+    kernel = select_kernel("linear", scheme or weight.scheme, weight.device.type, weight.kernel, layout(weight.meta))
     if kernel.pack is None:
         return canonical
     return canonical.rebuild(**kernel.pack(canonical.fields(), canonical.meta))

@@ -1,0 +1,179 @@
+"""CPU kernels on lowbit's native AVX-512 library plus PyTorch's bf16 and int4 GEMMs.
+
+Small batches (a few rows) are memory bound: a GEMV decodes int8/float8 weights in
+registers and reads each weight byte once. Larger batches are compute bound: weights are decoded
+to bfloat16 (exact for float8; int4 values times their scale rounded to bf16) and multiplied by
+oneDNN's bf16 GEMM, or int8 weights go through two int8 GEMMs (:mod:`lowbit.kernels.cpu`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..primitives.packing import unpack_int4
+from . import native
+from .cpu import _straight_through, int8_weight_int_mm16
+from .reference import fake_quantize_activation
+from .registry import register_kernel
+
+# Rows up to which a memory-bound GEMV beats a GEMM on this machine kind (BENCHMARKS.md).
+GEMV_ROWS_INT8 = 4
+GEMV_ROWS_FLOAT8 = 8
+INT4PACK_ROWS = 16
+
+
+def _lib():
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(f"lowbit's native CPU kernels are unavailable: {native.unavailable()}")
+    return lib
+
+
+@torch.library.custom_op("lowbit::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, is_fp8: bool) -> torch.Tensor:
+    """y (M, N) = (x (M, K) @ weight (N, K)^T) * scale (N,) + bias, weights int8 or e4m3 codes."""
+    x = x.contiguous().float()
+    weight = weight.contiguous()
+    scale = scale.reshape(-1).float().expand(weight.shape[0]).contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _lib().lowbit_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                       out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1], int(is_fp8), torch.get_num_threads())
+    return out
+
+
+@gemv.register_fake
+def _(x, weight, scale, bias, is_fp8):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+CHUNK_BYTES = 1 << 20  # decoded bf16 weight rows per GEMM call: stays in cache, no page faults
+
+
+def _decoded_linear(x: torch.Tensor, n: int, decode_rows) -> torch.Tensor:
+    """(M, K) @ W^T with W decoded to bf16 one cache-sized block of rows at a time -> (M, N) float32."""
+    x = x.to(torch.bfloat16).contiguous()
+    k = x.shape[1]
+    rows = max(16, CHUNK_BYTES // (2 * k))
+    scratch = torch.empty(min(rows, n), k, dtype=torch.bfloat16)
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    for row0 in range(0, n, rows):
+        count = min(rows, n - row0)
+        decode_rows(row0, count, scratch.data_ptr())
+        out[:, row0 : row0 + count] = F.linear(x, scratch[:count])
+    return out
+
+
+@torch.library.custom_op("lowbit::fp8_decoded_linear", mutates_args=())
+def fp8_decoded_linear(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ decode(codes (N, K) e4m3 as uint8)^T through bf16 (exact decode), unscaled."""
+    codes = codes.contiguous()
+    n, k = codes.shape
+    threads = torch.get_num_threads()
+    return _decoded_linear(x, n, lambda row0, count, dst: _lib().lowbit_fp8_rows_to_bf16(codes.data_ptr(), dst, k, row0, count, threads))
+
+
+@fp8_decoded_linear.register_fake
+def _(x, codes):
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::int4_decoded_linear", mutates_args=())
+def int4_decoded_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                        group_size: int) -> torch.Tensor:
+    """x (M, K) @ W^T for packed (N, K/2) 4-bit weights with per-group scale (and uint8 zero point)."""
+    packed, scale = packed.contiguous(), scale.float().contiguous()
+    zero = None if zero_point is None else zero_point.contiguous()
+    n, k = packed.shape[0], packed.shape[1] * 2
+    threads = torch.get_num_threads()
+
+    def decode(row0, count, dst):
+        _lib().lowbit_int4_rows_to_bf16(packed.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
+                                        dst, k, group_size, row0, count, threads)
+
+    return _decoded_linear(x, n, decode)
+
+
+@int4_decoded_linear.register_fake
+def _(x, packed, scale, zero_point, group_size):
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+
+
+def _gemv_linear(x, tensors, bias, is_fp8):
+    x2d = x.reshape(-1, x.shape[-1])
+    out = gemv(x2d, tensors["qdata"].view(torch.uint8) if is_fp8 else tensors["qdata"], tensors["scale"], bias, is_fp8)
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _finish(out, x, scale, bias):
+    """Apply the per-row (or per-tensor) weight scale and bias in float32; restore x's shape and dtype."""
+    if scale is not None:
+        out = out * scale.reshape(1, -1).float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _rows(x) -> int:
+    return x.numel() // x.shape[-1]
+
+
+@register_kernel("linear", "int8", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
+                 requires=native.unavailable)
+def int8_weight_avx512(x, tensors, meta, bias):
+    """Weight-only int8: register-decoded GEMV for small M, two int8 GEMMs (16-bit activations) above."""
+    if _rows(x) > GEMV_ROWS_INT8:
+        return int8_weight_int_mm16(x, tensors, meta, bias)
+    return _straight_through(_gemv_linear(x, tensors, bias, is_fp8=False), x, bias, (tensors, meta))
+
+
+def _float8_linear(x, tensors, meta, bias):
+    if _rows(x) <= GEMV_ROWS_FLOAT8:
+        return _gemv_linear(x, tensors, bias, is_fp8=True)
+    out = fp8_decoded_linear(x.reshape(-1, x.shape[-1]), tensors["qdata"].view(torch.uint8))
+    return _finish(out, x, tensors["scale"], bias)
+
+
+@register_kernel("linear", "float8", "avx512", devices=("cpu",), priority=20, granularities=("per_row", "per_tensor"),
+                 qtypes=("float8_e4m3fn",), requires=native.unavailable)
+def float8_weight_avx512(x, tensors, meta, bias):
+    """Weight-only float8 e4m3fn: GEMV for small M, exact bf16 decode + bf16 GEMM above."""
+    return _straight_through(_float8_linear(x, tensors, meta, bias), x, bias, (tensors, meta))
+
+
+@register_kernel("linear", "float8_dynamic", "avx512", devices=("cpu",), priority=20,
+                 granularities=("per_row", "per_tensor"), qtypes=("float8_e4m3fn",), requires=native.unavailable)
+def float8_dynamic_avx512(x, tensors, meta, bias):
+    """Activations fake-quantized to float8 as in the reference path, then the float8 weight kernel."""
+    xq = fake_quantize_activation(x.detach(), meta["activation"])
+    return _straight_through(_float8_linear(xq, tensors, meta, bias), x, bias, (tensors, meta))
+
+
+def _pack_int4(tensors, meta) -> dict:
+    """PyTorch's CPU int4 layout and its (K/G, N, 2) [scale, zero] table, where w = (q - 8) * scale + zero."""
+    n, k = meta["shape"]
+    if n % 16 or k % 2:
+        return {}
+    signed = meta["qtype"] == "int4"
+    q = unpack_int4(tensors["qdata"], signed=signed).to(torch.int32)  # (N, K)
+    scale = tensors["scale"].float()  # (N, K/G)
+    if signed:
+        q, zero = q + 8, torch.zeros_like(scale)
+    else:
+        zero = (8 - tensors["zero_point"].float()) * scale
+    table = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/G, N, 2)
+    return {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), "packed_aux": table}
+
+
+@register_kernel("linear", "int4", "avx512", devices=("cpu",), priority=20, granularities=("per_group",),
+                 requires=native.unavailable, pack=_pack_int4)
+def int4_weight_avx512(x, tensors, meta, bias):
+    """Weight-only int4: PyTorch's packed int4 GEMM (bf16 activations) for small M, bf16 decode + GEMM above."""
+    group = meta["block_size"][-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if _rows(x) <= INT4PACK_ROWS and "packed" in tensors:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), tensors["packed"], group, tensors["packed_aux"])
+    else:
+        out = int4_decoded_linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), group)
+    return _straight_through(_finish(out.float(), x, None, bias), x, bias, (tensors, meta))

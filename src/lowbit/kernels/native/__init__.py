@@ -1,0 +1,79 @@
+"""lowbit's own AVX-512 CPU kernels, compiled on first use with the system C compiler.
+
+The C source has no PyTorch headers, so the build takes about a second; the library is cached
+under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``) keyed by the source's hash. Kernels that
+need it report why when it cannot be had (no AVX-512, no compiler), so ``kernel="auto"`` skips
+them and a kernel named explicitly raises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("lowbit_cpu.c")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+_state: dict = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs an x86-64 CPU, this is {platform.machine()}"
+    missing = [f for f in REQUIRED_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return None, f"needs CPU features {missing}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "needs a C compiler (cc or gcc) to build its kernels"
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    cache = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+    library = cache / f"lowbit_cpu-{digest}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            target = Path(tmp) / library.name
+            command = [compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC",
+                       str(SOURCE), "-o", str(target)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                return None, f"building its kernels failed: {result.stderr.strip()[-400:]}"
+            os.replace(target, library)  # atomic: concurrent builders never see a half-written file
+    lib = ctypes.CDLL(str(library))
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.lowbit_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
+    lib.lowbit_fp8_rows_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i32]
+    lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
+    for fn in (lib.lowbit_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16):
+        fn.restype = None
+    return lib, None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, or None (see :func:`unavailable`)."""
+    if "lib" not in _state:
+        _state["lib"], _state["reason"] = _build()
+    return _state["lib"]
+
+
+def unavailable(device_type: str = "cpu") -> str | None:
+    """None when the native kernels can run here, else the reason (used as a kernel's ``requires``)."""
+    library()
+    return _state["reason"]

@@ -1,0 +1,137 @@
+/* lowbit's AVX-512 CPU kernels: weight-only GEMV for small batches and weight dequantization.
+ *
+ * Plain C (no PyTorch headers) so it compiles in about a second; called through ctypes.
+ * Layouts: x is (M, K) float32 row-major, weights are (N, K) row-major, y is (M, N) float32.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define ROWS 4 /* activation rows that share one pass over a weight row */
+
+/* 16 float8 e4m3fn codes -> 16 floats (finite codes only: weights are checked finite). */
+static inline __m512 decode_e4m3(__m128i bytes) {
+    __m512i v = _mm512_cvtepu8_epi32(bytes);
+    __m512i mag = _mm512_and_si512(v, _mm512_set1_epi32(0x7F));
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
+    /* normal: exponent bias 7 -> 127, 3 mantissa bits -> top of the 23 */
+    __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23));
+    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512.0f)); /* m * 2^-9 */
+    __mmask16 is_sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
+    __m512 f = _mm512_mask_blend_ps(is_sub, _mm512_castsi512_ps(normal), sub);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), sign));
+}
+
+/* 16 e4m3fn codes -> 16 floats equal to 2^-8 times their values (callers fold 2^8 into the scale):
+ * moving the 4-bit exponent and 3-bit mantissa under fp16's fields keeps subnormals exact. */
+static inline __m512 decode_e4m3_scaled(__m128i bytes) {
+    __m256i v = _mm256_cvtepu8_epi16(bytes);
+    __m256i bits = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16(0x3F80)),
+                                   _mm256_and_si256(_mm256_slli_epi16(v, 8), _mm256_set1_epi16((short)0x8000)));
+    return _mm512_cvtph_ps(bits);
+}
+
+static inline __m512 decode_i8(__m128i bytes) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+
+static inline float decode_e4m3_scalar(uint8_t b) {
+    int mag = b & 0x7F, e = mag >> 3, m = mag & 7;
+    float f = e ? (1.0f + m / 8.0f) * (float)(1 << e) / 128.0f : m / 512.0f;
+    return (b & 0x80) ? -f : f;
+}
+
+/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]) for int8 (is_fp8 = 0) or e4m3 weights.
+ * Four independent accumulators per activation row hide the FMA latency. */
+void lowbit_gemv(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
+                 int64_t M, int64_t N, int64_t K, int is_fp8, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+            int rows = (M - m0) < ROWS ? (int)(M - m0) : ROWS;
+            __m512 acc[ROWS][4];
+            float tail[ROWS] = {0};
+            for (int r = 0; r < ROWS; r++)
+                for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 64 <= K; k += 64) {
+                for (int u = 0; u < 4; u++) {
+                    __m128i bytes = _mm_loadu_si128((const __m128i *)(wr + k + 16 * u));
+                    __m512 wv = is_fp8 ? decode_e4m3_scaled(bytes) : decode_i8(bytes);
+                    for (int r = 0; r < rows; r++)
+                        acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + k + 16 * u), wv, acc[r][u]);
+                }
+            }
+            for (; k + 16 <= K; k += 16) {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(wr + k));
+                __m512 wv = is_fp8 ? decode_e4m3_scaled(bytes) : decode_i8(bytes);
+                for (int r = 0; r < rows; r++)
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + k), wv, acc[r][0]);
+            }
+            for (; k < K; k++) {
+                float wk = is_fp8 ? decode_e4m3_scalar(wr[k]) / 256.0f : (float)(int8_t)wr[k];
+                for (int r = 0; r < rows; r++) tail[r] += x[(m0 + r) * K + k] * wk;
+            }
+            for (int r = 0; r < rows; r++) {
+                __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+                float v = (_mm512_reduce_add_ps(sum) + tail[r]) * (is_fp8 ? 256.0f * scale[n] : scale[n]);
+                y[(m0 + r) * N + n] = bias ? v + bias[n] : v;
+            }
+        }
+    }
+}
+
+/* float -> bfloat16 bits, round half to even (inputs are finite). */
+static inline __m256i to_bf16(__m512 f) {
+    __m512i b = _mm512_castps_si512(f);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+
+/* Rows [row0, row0 + rows) of (N, K) e4m3 codes -> bfloat16 rows in out (exact: 3 mantissa bits fit). */
+void lowbit_fp8_rows_to_bf16(const uint8_t *w, uint16_t *out, int64_t K, int64_t row0, int64_t rows, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *src = w + (row0 + r) * K;
+        uint16_t *dst = out + r * K;
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+            _mm256_storeu_si256((__m256i *)(dst + k), to_bf16(decode_e4m3(_mm_loadu_si128((const __m128i *)(src + k)))));
+        for (; k < K; k++) {
+            float f = decode_e4m3_scalar(src[k]);
+            uint32_t b;
+            __builtin_memcpy(&b, &f, 4);
+            dst[k] = (uint16_t)(b >> 16);
+        }
+    }
+}
+
+/* Rows [row0, row0 + rows) of packed 4-bit weights (N, K/2), low nibble = even k, groups of G
+ * along K -> bfloat16 rows in out: w = (q - zero) * scale, q unsigned with a uint8 zero per group,
+ * or signed int4 when zero == NULL. G is a multiple of 16. */
+void lowbit_int4_rows_to_bf16(const uint8_t *packed, const float *scale, const uint8_t *zero, uint16_t *out,
+                              int64_t K, int64_t G, int64_t row0, int64_t rows, int threads) {
+    int64_t groups = K / G;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t n = row0 + r;
+        for (int64_t g = 0; g < groups; g++) {
+            __m512 s = _mm512_set1_ps(scale[n * groups + g]);
+            __m512 z = _mm512_set1_ps(zero ? (float)zero[n * groups + g] : 0.0f);
+            const uint8_t *src = packed + n * (K / 2) + g * (G / 2);
+            uint16_t *dst = out + r * K + g * G;
+            for (int64_t j = 0; j < G / 2; j += 8) { /* 8 bytes -> 16 values */
+                __m128i b = _mm_loadl_epi64((const __m128i *)(src + j));
+                __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+                __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)); /* k order: lo0 hi0 lo1 hi1 ... */
+                if (!zero) /* signed int4: values >= 8 are negative */
+                    q = _mm512_sub_epi32(q, _mm512_and_si512(_mm512_set1_epi32(16),
+                                                             _mm512_srai_epi32(_mm512_slli_epi32(q, 28), 31)));
+                __m512 f = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), z), s);
+                _mm256_storeu_si256((__m256i *)(dst + 2 * j), to_bf16(f));
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+"""Fast CPU kernels agree with the reference kernel on every path (small/large M, tails, layouts)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.kernels import avx512, native
+from lowbit.kernels.registry import select_kernel
+from lowbit.tensors import DynamicActivationTensor
+
+needs_native = pytest.mark.skipif(native.unavailable() is not None, reason=f"native kernels: {native.unavailable()}")
+
+CASES = [
+    (lowbit.Int8WeightOnly(), "avx512", 1e-4),  # above the GEMV rows: 16-bit activation split
+    (lowbit.Int8DynamicActivation(), "int_mm", 1e-5),
+    (lowbit.Int8DynamicActivation(act_symmetric=True), "int_mm", 1e-5),
+    (lowbit.Float8WeightOnly(), "avx512", 5e-3),
+    (lowbit.Float8DynamicActivation(), "avx512", 5e-3),
+    (lowbit.Float8DynamicActivation(granularity="per_tensor"), "avx512", 5e-3),
+    (lowbit.Int4WeightOnly(group_size=32), "avx512", 5e-3),
+    (lowbit.Int4WeightOnly(group_size=64, symmetric=True), "avx512", 5e-3),
+]
+
+
+def _reference(q):
+    if isinstance(q, DynamicActivationTensor):
+        return DynamicActivationTensor.wrap(q.weight.canonical().rebuild(kernel="reference"), q.activation)
+    return q.canonical().rebuild(kernel="reference")
+
+
+def _relative(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@needs_native
+@pytest.mark.parametrize("config, kernel, tolerance", CASES, ids=lambda v: v.label() if hasattr(v, "label") else str(v))
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17, 40])
+@pytest.mark.parametrize("shape", [(96, 160), (48, 192)])  # K = 160: not a multiple of 64 (GEMV tails)
+def test_fast_kernel_matches_reference(config, kernel, tolerance, rows, shape):
+    if shape[1] % (getattr(config, "group_size", None) or 1):
+        pytest.skip("group size does not divide K")
+    weight = torch.randn(*shape) / shape[1] ** 0.5
+    weight[0, :4] = torch.tensor([3e-6, -2e-7, 0.0, 1e-4])  # float8 subnormals after scaling
+    q = config.quantize_weight(weight, "w")
+    kernel_fn = select_kernel("linear", q.scheme, "cpu", "auto", lowbit.kernels.registry.layout(q.kernel_inputs()[1]))
+    assert kernel_fn.name == kernel
+    x = torch.randn(rows, shape[1])
+    bias = torch.randn(shape[0])
+    fast, ref = F.linear(x, q, bias), F.linear(x, _reference(q), bias)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    assert _relative(fast, ref) < tolerance
+
+
+@needs_native
+def test_int4_pack_is_skipped_when_rows_do_not_tile():
+    q = lowbit.Int4WeightOnly(group_size=32).quantize_weight(torch.randn(40, 64), "w")  # 40 % 16 != 0
+    assert q.packed is None
+    x = torch.randn(2, 64)
+    assert _relative(F.linear(x, q), F.linear(x, _reference(q))) < 5e-3
+
+
+@needs_native
+def test_int4_packed_layout_matches_canonical_values():
+    q = lowbit.Int4WeightOnly(group_size=32).quantize_weight(torch.randn(32, 128), "w")
+    assert q.packed is not None and q.packed_aux.shape == (4, 32, 2)
+    eye = torch.eye(128)
+    decoded = torch.ops.aten._weight_int4pack_mm_for_cpu(eye.bfloat16(), q.packed, 32, q.packed_aux).float().t()
+    torch.testing.assert_close(decoded, q.dequantize(), rtol=1e-2, atol=1e-2)
+
+
+@needs_native
+def test_native_ops_compile_and_export():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    lowbit.quantize_(model, lowbit.Float8WeightOnly())
+    x = torch.randn(2, 64)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+    program = torch.export.export(model, (x,))
+    assert any("lowbit.gemv" in str(node.target) for node in program.graph.nodes)
+
+
+def test_unavailable_native_library_is_reported(monkeypatch):
+    monkeypatch.setitem(native._state, "lib", None)
+    monkeypatch.setitem(native._state, "reason", "needs CPU features ['avx512f']")
+    lowbit.kernels.registry._CHOSEN.clear()
+    try:
+        with pytest.raises(RuntimeError, match="cannot run here: needs CPU features"):
+            select_kernel("linear", "float8", "cpu", "avx512", "per_row/float8_e4m3fn")
+        assert select_kernel("linear", "float8", "cpu", "auto", "per_row/float8_e4m3fn").name == "reference"
+    finally:
+        lowbit.kernels.registry._CHOSEN.clear()
+
+
+def test_gemv_thresholds_are_small():
+    assert 1 <= avx512.GEMV_ROWS_INT8 <= avx512.GEMV_ROWS_FLOAT8 <= avx512.INT4PACK_ROWS
