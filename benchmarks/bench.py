@@ -1,0 +1,175 @@
+"""lowbit speed and accuracy in one run: fp32, bf16, every lowbit config and installed peers.
+
+(a) Linear layers shaped like LLaMA-7B at M = 1, 8, 32, 128, 512 (SQNR vs the fp32 layer);
+(b) all-MiniLM-L6-v2 end to end at batch 1 and 32, sequence 128 (cosine vs fp32 embeddings);
+(c) quantize_ time and peak memory on MiniLM.
+Every time is a median over repetitions in this one process; ratios are fp32_time / time.
+
+Run: python benchmarks/bench.py [--quick] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import lowbit
+from peers import PEERS
+
+LINEAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in_features, out_features)
+ROWS = [1, 8, 32, 128, 512]
+CONFIGS = [
+    lowbit.Int8WeightOnly(),
+    lowbit.Int4WeightOnly(group_size=128),
+    lowbit.Int8DynamicActivation(),
+    lowbit.Float8WeightOnly(),
+    lowbit.Float8DynamicActivation(),
+]
+
+
+def median_ms(fn, budget_s: float = 1.0, min_reps: int = 3, max_reps: int = 50) -> float:
+    """Median wall time of ``fn`` in ms, repeating until ``budget_s`` is spent (bounded)."""
+    with torch.inference_mode():
+        fn()
+        times, start = [], time.perf_counter()
+        while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = (out.float() - ref.float()).norm()
+    return float("inf") if noise == 0 else float(20 * torch.log10(ref.float().norm() / noise))
+
+
+def variants():
+    """(name, make(model) -> model) for fp32, bf16, lowbit configs and installed peers."""
+    yield "fp32", lambda m: m
+    yield "bf16", lambda m: m.to(torch.bfloat16)
+    for config in CONFIGS:
+        yield f"lowbit {config.label()}", lambda m, c=config: lowbit.quantize_(m, c)
+    for name, make in PEERS():
+        yield name, make
+
+
+def bench_linears(quick: bool) -> list[dict]:
+    rows_list = [1, 32, 512] if quick else ROWS
+    results = []
+    for in_f, out_f in LINEAR_SHAPES[1:2] if quick else LINEAR_SHAPES:
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(in_f, out_f, bias=False)).eval()
+        xs = {m: torch.randn(m, in_f) for m in rows_list}
+        with torch.inference_mode():
+            refs = {m: base(x) for m, x in xs.items()}
+        fp32_ms = {}
+        for name, make in variants():
+            model = make(copy.deepcopy(base))
+            for m, x in xs.items():
+                xin = x.to(torch.bfloat16) if name == "bf16" else x
+                ms = median_ms(lambda: model(xin), budget_s=0.5 if quick else 1.0)
+                with torch.inference_mode():
+                    quality = sqnr_db(model(xin), refs[m])
+                fp32_ms.setdefault(m, ms)
+                results.append(dict(shape=f"{in_f}x{out_f}", rows=m, method=name, ms=ms, speedup=fp32_ms[m] / ms, sqnr_db=quality))
+                print(f"linear {in_f}x{out_f} M={m:<4} {name:<52} {ms:9.3f} ms {fp32_ms[m] / ms:6.2f}x  SQNR {quality:6.1f} dB", flush=True)
+            del model
+            gc.collect()
+    return results
+
+
+def bench_minilm(quick: bool) -> tuple[list[dict], dict]:
+    from lowbit.embedded import embed, load_minilm, stdlib_sentences
+
+    base, tokenizer = load_minilm()
+    sentences = stdlib_sentences(128 if quick else 256)
+    reference = embed(base, tokenizer, sentences)
+    text = " ".join(stdlib_sentences(40, offset=256))
+    batches = {bs: tokenizer([text] * bs, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+               for bs in ([1] if quick else [1, 32])}
+    results, fp32_ms = [], {}
+    for name, make in variants():
+        model = make(copy.deepcopy(base))
+        cos = (embed(model, tokenizer, sentences) * reference).sum(-1)
+        for bs, batch in batches.items():
+            ms = median_ms(lambda: model(**batch), budget_s=2.0 if bs == 1 else 4.0)
+            fp32_ms.setdefault(bs, ms)
+            results.append(dict(batch=bs, method=name, ms=ms, speedup=fp32_ms[bs] / ms,
+                                cos_min=float(cos.min()), cos_mean=float(cos.mean())))
+            print(f"MiniLM bs={bs:<3} {name:<52} {ms:9.2f} ms {fp32_ms[bs] / ms:6.2f}x  cos min {cos.min():.4f}", flush=True)
+        del model
+        gc.collect()
+    return results, quantize_cost(base)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def quantize_cost(base: nn.Module) -> dict:
+    """quantize_ time on MiniLM and the peak RSS it adds, relative to the float model's size."""
+    model_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
+    model = copy.deepcopy(base)
+    gc.collect()
+    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _rss_mb()
+    start = time.perf_counter()
+    lowbit.quantize_(model, lowbit.Int8DynamicActivation())
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    added = max(peak - max(before, before_peak), 0.0)
+    cost = dict(quantize_s=seconds, model_mb=model_mb, peak_added_mb=added, peak_ratio=(model_mb + added) / model_mb)
+    print(f"quantize_ MiniLM: {seconds:.3f} s; peak memory {(model_mb + added):.1f} MB = {cost['peak_ratio']:.2f}x the float model")
+    return cost
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']}", "", "### Linear layers (speed-up vs fp32, SQNR dB)", ""]
+    methods = list(dict.fromkeys(r["method"] for r in report["linear"]))
+    keys = list(dict.fromkeys((r["shape"], r["rows"]) for r in report["linear"]))
+    lines += ["| method | " + " | ".join(f"{s} M={m}" for s, m in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    cell = {(r["method"], r["shape"], r["rows"]): r for r in report["linear"]}
+    for method in methods:
+        row = [f"{cell[(method, s, m)]['speedup']:.2f}x ({cell[(method, s, m)]['sqnr_db']:.0f})" if (method, s, m) in cell else "-" for s, m in keys]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", "### all-MiniLM-L6-v2, sequence 128", "", "| method | batch | ms | vs fp32 | cos min | cos mean |", "|---|---|---|---|---|---|"]
+    for r in report["minilm"]:
+        lines.append(f"| {r['method']} | {r['batch']} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['cos_min']:.4f} | {r['cos_mean']:.4f} |")
+    q = report["quantize"]
+    lines += ["", f"quantize_ on MiniLM: {q['quantize_s']:.3f} s, peak memory {q['peak_ratio']:.2f}x the float model ({q['model_mb']:.1f} MB)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one linear shape, three M, batch 1 only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, lowbit {lowbit.__version__}"
+    print(machine)
+    report = {"machine": machine, "linear": bench_linears(args.quick)}
+    report["minilm"], report["quantize"] = bench_minilm(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+    (args.out / "bench.md").write_text(markdown(report))
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    main()
