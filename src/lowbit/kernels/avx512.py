@@ -13,12 +13,20 @@ import torch.nn.functional as F
 
 from ..primitives.packing import unpack_int4
 from . import native
-from .cpu import _straight_through, int8_weight_int_mm16
+from .cpu import (
+    _finish as finish_int,
+    _straight_through,
+    int8_dynamic_int_mm,
+    int8_weight_int_mm16,
+    quantize_activation_int8,
+    split_activation_16bit,
+    weight_colsum,
+)
 from .reference import fake_quantize_activation
 from .registry import register_kernel
 
 # Rows up to which a memory-bound GEMV beats a GEMM on this machine kind (BENCHMARKS.md).
-GEMV_ROWS_INT8 = 4
+GEMV_ROWS_INT8 = 8
 GEMV_ROWS_FLOAT8 = 8
 INT4PACK_ROWS = 16
 
@@ -46,6 +54,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
 @gemv.register_fake
 def _(x, weight, scale, bias, is_fp8):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::gemv_u8s8", mutates_args=())
+def gemv_u8s8(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """int32 (M, N) = a (M, K) uint8 @ weight (N, K) int8 ^T, AVX-512 VNNI, exact."""
+    a, weight = a.contiguous(), weight.contiguous()
+    out = torch.empty(a.shape[0], weight.shape[0], dtype=torch.int32)
+    _lib().lowbit_gemv_u8s8(a.data_ptr(), weight.data_ptr(), out.data_ptr(), a.shape[0], weight.shape[0], a.shape[1],
+                            torch.get_num_threads())
+    return out
+
+
+@gemv_u8s8.register_fake
+def _(a, weight):
+    return a.new_empty(a.shape[0], weight.shape[0], dtype=torch.int32)
 
 
 CHUNK_BYTES = 1 << 20  # decoded bf16 weight rows per GEMM call: stays in cache, no page faults
@@ -119,13 +142,36 @@ def _rows(x) -> int:
     return x.numel() // x.shape[-1]
 
 
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    """Signed 8-bit values held in a float tensor -> uint8 codes offset by 128 (for vpdpbusd)."""
+    return (t + 128).to(torch.uint8)
+
+
 @register_kernel("linear", "int8", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
-                 requires=native.unavailable)
+                 requires=native.unavailable, pack=weight_colsum)
 def int8_weight_avx512(x, tensors, meta, bias):
-    """Weight-only int8: register-decoded GEMV for small M, two int8 GEMMs (16-bit activations) above."""
-    if _rows(x) > GEMV_ROWS_INT8:
+    """Weight-only int8: a VNNI GEMV on the 16-bit activation split for small M, two int8 GEMMs above."""
+    rows = _rows(x)
+    if rows > GEMV_ROWS_INT8:
         return int8_weight_int_mm16(x, tensors, meta, bias)
-    return _straight_through(_gemv_linear(x, tensors, bias, is_fp8=False), x, bias, (tensors, meta))
+    scale, hi, lo = split_activation_16bit(x.reshape(rows, x.shape[-1]))
+    acc = gemv_u8s8(_u8(torch.cat([hi, lo])), tensors["qdata"]).float() - 128 * tensors["packed_aux"]  # (2M, N)
+    out = finish_int(acc[:rows] * 256 + acc[rows:], scale, tensors["scale"].float(), bias, x.shape, x.dtype)
+    return _straight_through(out, x, bias, (tensors, meta))
+
+
+@register_kernel("linear", "int8_dynamic", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
+                 requires=native.unavailable, pack=weight_colsum)
+def int8_dynamic_avx512(x, tensors, meta, bias):
+    """Dynamic int8: a VNNI GEMV for small M (one pass over the weights), oneDNN's int8 GEMM above."""
+    rows = _rows(x)
+    if rows > GEMV_ROWS_INT8:
+        return int8_dynamic_int_mm(x, tensors, meta, bias)
+    q, x_scale, x_zero = quantize_activation_int8(x.reshape(rows, x.shape[-1]), meta["activation"])
+    offset = 128 if x_zero is None else 128 + x_zero  # sum (q - zp) w = sum (q + 128) w - (128 + zp) colsum
+    acc = gemv_u8s8(_u8(q.float()), tensors["qdata"]).float() - offset * tensors["packed_aux"]
+    out = finish_int(acc, x_scale.float(), tensors["scale"].float(), bias, x.shape, x.dtype)
+    return _straight_through(out, x, bias, (tensors, meta))
 
 
 def _float8_linear(x, tensors, meta, bias):

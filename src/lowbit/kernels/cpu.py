@@ -24,7 +24,7 @@ def quantize_activation_int8(x2d: torch.Tensor, act) -> tuple[torch.Tensor, torc
     return q, scale, None if zero_point is None else zero_point.float()
 
 
-def _weight_colsum(tensors, meta) -> dict:
+def weight_colsum(tensors, meta) -> dict:
     """Per-output-row sum of int8 weights, for the activation zero-point correction."""
     return {"packed_aux": tensors["qdata"].sum(-1, dtype=torch.int32).float()}  # (N,)
 
@@ -49,7 +49,7 @@ def _straight_through(out: torch.Tensor, x: torch.Tensor, bias, weight) -> torch
 
 
 @register_kernel("linear", "int8_dynamic", "int_mm", devices=("cpu",), priority=10,
-                 granularities=("per_row",), pack=_weight_colsum)
+                 granularities=("per_row",), pack=weight_colsum)
 def int8_dynamic_int_mm(x, tensors, meta, bias):
     """int8 x int8 -> int32 GEMM; y = (acc - zp_x * colsum_w) * s_x * s_w + bias."""
     x2d = x.reshape(-1, x.shape[-1])
@@ -61,19 +61,27 @@ def int8_dynamic_int_mm(x, tensors, meta, bias):
     return _straight_through(out, x, bias, (tensors, meta))
 
 
+def split_activation_16bit(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token 16-bit quantization split in two int8 halves: ``x = scale * (256 * hi + lo)``.
+
+    Returns float tensors ``(scale (M, 1), hi, lo)`` with hi in [-127, 127] and lo in [-128, 127];
+    the resolution is 1/32639 of each row's maximum. Non-finite values saturate.
+    """
+    x2d = x2d.float()
+    stats = torch.nan_to_num(x2d, nan=0.0, posinf=0.0, neginf=0.0)
+    scale = (stats.abs().amax(-1, keepdim=True) / _SPLIT_MAX).clamp(min=_TINY)  # (M, 1)
+    xi = torch.nan_to_num(torch.round(x2d / scale), nan=0.0).clamp(-_SPLIT_MAX, _SPLIT_MAX)
+    hi = torch.floor((xi + 128) / 256)
+    return scale, hi, xi - 256 * hi
+
+
 @register_kernel("linear", "int8", "int_mm16", devices=("cpu",), priority=10, granularities=("per_row",))
 def int8_weight_int_mm16(x, tensors, meta, bias):
     """Weight-only int8 through two int8 GEMMs on a 16-bit split of the activation.
 
-    Each token is scaled to 16 bits (``x = s * (256 * hi + lo)``, hi and lo in int8), so the
-    activation keeps 1/32639 of its row maximum as resolution: far below the int8 weight error.
+    The activation keeps 1/32639 of its row maximum as resolution: far below the int8 weight error.
     """
-    x2d = x.reshape(-1, x.shape[-1]).float()
-    stats = torch.nan_to_num(x2d, nan=0.0, posinf=0.0, neginf=0.0)
-    scale = (stats.abs().amax(-1, keepdim=True) / _SPLIT_MAX).clamp(min=_TINY)  # (M, 1)
-    xi = torch.nan_to_num(torch.round(x2d / scale), nan=0.0).clamp(-_SPLIT_MAX, _SPLIT_MAX)
-    hi = torch.floor((xi + 128) / 256)  # [-127, 127]
-    lo = xi - 256 * hi  # [-128, 127]
+    scale, hi, lo = split_activation_16bit(x.reshape(-1, x.shape[-1]))
     w_t = tensors["qdata"].t()
     acc = torch._int_mm(hi.to(torch.int8), w_t).float() * 256 + torch._int_mm(lo.to(torch.int8), w_t).float()
     out = _finish(acc, scale, tensors["scale"].float(), bias, x.shape, x.dtype)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("lowbit_cpu.c")
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _state: dict = {}
 
 
@@ -50,7 +50,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             target = Path(tmp) / library.name
-            command = [compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC",
+            command = [compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC",
                        str(SOURCE), "-o", str(target)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
@@ -61,7 +61,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.lowbit_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
     lib.lowbit_fp8_rows_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
-    for fn in (lib.lowbit_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16):
+    lib.lowbit_gemv_u8s8.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32]
+    for fn in (lib.lowbit_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_gemv_u8s8):
         fn.restype = None
     return lib, None
 

@@ -135,3 +135,45 @@ void lowbit_int4_rows_to_bf16(const uint8_t *packed, const float *scale, const u
         }
     }
 }
+
+/* y[m, n] = sum_k a[m, k] * w[n, k] in int32 for unsigned 8-bit a (M, K) and signed int8 w (N, K),
+ * with AVX-512 VNNI (vpdpbusd: four u8 x s8 products per 32-bit lane, no 16-bit saturation).
+ * Four weight rows are streamed together (more memory-level parallelism than one row at a time). */
+#define WROWS 4
+void lowbit_gemv_u8s8(const uint8_t *a, const int8_t *w, int32_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+    int64_t tail = K % 64;
+    __mmask64 tail_mask = tail ? (((__mmask64)1 << tail) - 1) : 0;
+    int64_t blocks = (N + WROWS - 1) / WROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * WROWS;
+        int nrows = (N - n0) < WROWS ? (int)(N - n0) : WROWS;
+        const int8_t *wr[WROWS];
+        for (int j = 0; j < WROWS; j++) wr[j] = w + (n0 + (j < nrows ? j : 0)) * K;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+            int rows = (M - m0) < ROWS ? (int)(M - m0) : ROWS;
+            __m512i acc[ROWS][WROWS];
+            for (int r = 0; r < ROWS; r++)
+                for (int j = 0; j < WROWS; j++) acc[r][j] = _mm512_setzero_si512();
+            int64_t k = 0;
+            for (; k + 64 <= K; k += 64) {
+                __m512i wv[WROWS];
+                for (int j = 0; j < WROWS; j++) wv[j] = _mm512_loadu_si512((const void *)(wr[j] + k));
+                for (int r = 0; r < rows; r++) {
+                    __m512i av = _mm512_loadu_si512((const void *)(a + (m0 + r) * K + k));
+                    for (int j = 0; j < WROWS; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, wv[j]);
+                }
+            }
+            if (tail) {
+                __m512i wv[WROWS];
+                for (int j = 0; j < WROWS; j++) wv[j] = _mm512_maskz_loadu_epi8(tail_mask, (const void *)(wr[j] + k));
+                for (int r = 0; r < rows; r++) {
+                    __m512i av = _mm512_maskz_loadu_epi8(tail_mask, (const void *)(a + (m0 + r) * K + k));
+                    for (int j = 0; j < WROWS; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, wv[j]);
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < nrows; j++) y[(m0 + r) * N + n0 + j] = _mm512_reduce_add_epi32(acc[r][j]);
+        }
+    }
+}
