@@ -16,6 +16,7 @@ from . import native
 from .cpu import (
     _finish as finish_int,
     _straight_through,
+    colsum,
     int8_dynamic_int_mm,
     int8_weight_int_mm16,
     quantize_activation_int8,
@@ -155,7 +156,7 @@ def int8_weight_avx512(x, tensors, meta, bias):
     if rows > GEMV_ROWS_INT8:
         return int8_weight_int_mm16(x, tensors, meta, bias)
     scale, hi, lo = split_activation_16bit(x.reshape(rows, x.shape[-1]))
-    acc = gemv_u8s8(_u8(torch.cat([hi, lo])), tensors["qdata"]).float() - 128 * tensors["packed_aux"]  # (2M, N)
+    acc = gemv_u8s8(_u8(torch.cat([hi, lo])), tensors["qdata"]).float() - 128 * colsum(tensors)  # (2M, N)
     out = finish_int(acc[:rows] * 256 + acc[rows:], scale, tensors["scale"].float(), bias, x.shape, x.dtype)
     return _straight_through(out, x, bias, (tensors, meta))
 
@@ -169,7 +170,7 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
         return int8_dynamic_int_mm(x, tensors, meta, bias)
     q, x_scale, x_zero = quantize_activation_int8(x.reshape(rows, x.shape[-1]), meta["activation"])
     offset = 128 if x_zero is None else 128 + x_zero  # sum (q - zp) w = sum (q + 128) w - (128 + zp) colsum
-    acc = gemv_u8s8(_u8(q.float()), tensors["qdata"]).float() - offset * tensors["packed_aux"]
+    acc = gemv_u8s8(_u8(q.float()), tensors["qdata"]).float() - offset * colsum(tensors)
     out = finish_int(acc, x_scale.float(), tensors["scale"].float(), bias, x.shape, x.dtype)
     return _straight_through(out, x, bias, (tensors, meta))
 

@@ -29,6 +29,12 @@ def weight_colsum(tensors, meta) -> dict:
     return {"packed_aux": tensors["qdata"].sum(-1, dtype=torch.int32).float()}  # (N,)
 
 
+def colsum(tensors) -> torch.Tensor:
+    """The packed row sums; recomputed only for views (e.g. ``x @ w.t()``) that dropped them."""
+    packed = tensors.get("packed_aux")
+    return packed if packed is not None else weight_colsum(tensors, None)["packed_aux"]
+
+
 def _finish(acc: torch.Tensor, row_scale: torch.Tensor, w_scale: torch.Tensor, bias, shape, dtype) -> torch.Tensor:
     out = acc * (row_scale * w_scale.reshape(1, -1))  # (M, N)
     if bias is not None:
@@ -56,7 +62,7 @@ def int8_dynamic_int_mm(x, tensors, meta, bias):
     q, x_scale, x_zero = quantize_activation_int8(x2d, meta["activation"])
     acc = torch._int_mm(q, tensors["qdata"].t()).float()  # (M, N) exact int32 sums
     if x_zero is not None:
-        acc = acc - x_zero * tensors["packed_aux"]
+        acc = acc - x_zero * colsum(tensors)
     out = _finish(acc, x_scale.float(), tensors["scale"].float(), bias, x.shape, x.dtype)
     return _straight_through(out, x, bias, (tensors, meta))
 
