@@ -13,16 +13,7 @@ import torch.nn.functional as F
 
 from ..primitives.packing import unpack_int4
 from . import native
-from .cpu import (
-    _finish as finish_int,
-    _straight_through,
-    colsum,
-    int8_dynamic_int_mm,
-    int8_weight_int_mm16,
-    quantize_activation_int8,
-    split_activation_16bit,
-    weight_colsum,
-)
+from .cpu import _straight_through, colsum, int8_dynamic_int_mm, weight_colsum
 from .reference import fake_quantize_activation
 from .registry import register_kernel
 
@@ -55,21 +46,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
 @gemv.register_fake
 def _(x, weight, scale, bias, is_fp8):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("lowbit::gemv_u8s8", mutates_args=())
-def gemv_u8s8(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """int32 (M, N) = a (M, K) uint8 @ weight (N, K) int8 ^T, AVX-512 VNNI, exact."""
-    a, weight = a.contiguous(), weight.contiguous()
-    out = torch.empty(a.shape[0], weight.shape[0], dtype=torch.int32)
-    _lib().lowbit_gemv_u8s8(a.data_ptr(), weight.data_ptr(), out.data_ptr(), a.shape[0], weight.shape[0], a.shape[1],
-                            torch.get_num_threads())
-    return out
-
-
-@gemv_u8s8.register_fake
-def _(a, weight):
-    return a.new_empty(a.shape[0], weight.shape[0], dtype=torch.int32)
 
 
 CHUNK_BYTES = 1 << 20  # decoded bf16 weight rows per GEMM call: stays in cache, no page faults
@@ -143,36 +119,91 @@ def _rows(x) -> int:
     return x.numel() // x.shape[-1]
 
 
-def _u8(t: torch.Tensor) -> torch.Tensor:
-    """Signed 8-bit values held in a float tensor -> uint8 codes offset by 128 (for vpdpbusd)."""
-    return (t + 128).to(torch.uint8)
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _epilogue(acc, acc_hi, x_scale, offset, row_sums, w_scale, bias, threads) -> torch.Tensor:
+    out = torch.empty(acc.shape, dtype=torch.float32)
+    _lib().lowbit_int32_epilogue(acc.data_ptr(), _ptr(acc_hi), x_scale.data_ptr(), _ptr(offset), row_sums.data_ptr(),
+                                 w_scale.data_ptr(), _ptr(bias), out.data_ptr(), acc.shape[0], acc.shape[1], threads)
+    return out
+
+
+def _vnni_gemv(a: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    out = torch.empty(a.shape[0], weight.shape[0], dtype=torch.int32)
+    _lib().lowbit_gemv_u8s8(a.data_ptr(), weight.data_ptr(), out.data_ptr(), a.shape[0], weight.shape[0], a.shape[1], threads)
+    return out
+
+
+@torch.library.custom_op("lowbit::int8_dynamic_linear", mutates_args=())
+def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
+                        bias: torch.Tensor | None, symmetric: bool) -> torch.Tensor:
+    """Per-token int8 x int8 linear, float32 (M, N): fused activation quantization, VNNI GEMV for few
+    rows or oneDNN's int8 GEMM (``torch._int_mm``), and one fused epilogue for zero point, scales, bias."""
+    x = x.contiguous().float()
+    (m, k), threads = x.shape, torch.get_num_threads()
+    small = m <= GEMV_ROWS_INT8
+    q = torch.empty(m, k, dtype=torch.uint8 if small else torch.int8)
+    x_scale, zero = torch.empty(m), torch.empty(m)
+    _lib().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k,
+                                     int(symmetric), int(small), threads)
+    if small:  # q holds q + 128: sum (q - zero) w = sum (q + 128) w - (zero + 128) * row_sum
+        acc, offset = _vnni_gemv(q, weight, threads), zero + 128
+    else:
+        acc, offset = torch._int_mm(q, weight.t()), None if symmetric else zero
+    return _epilogue(acc, None, x_scale, offset, row_sums, w_scale, bias, threads)
+
+
+@int8_dynamic_linear.register_fake
+def _(x, weight, w_scale, row_sums, bias, symmetric):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::int8_weight_linear", mutates_args=())
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only int8 linear, float32 (M, N), on a per-token 16-bit split of the activation
+    (two int8 halves): VNNI GEMV for few rows, two oneDNN int8 GEMMs above."""
+    x = x.contiguous().float()
+    (m, k), threads = x.shape, torch.get_num_threads()
+    halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
+    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, threads)
+    if m <= GEMV_ROWS_INT8:  # u8 = half + 128 for vpdpbusd; 256 * 128 + 128 = 32896 times the row sum comes off
+        acc = _vnni_gemv((halves.view(2 * m, k).to(torch.int16) + 128).to(torch.uint8), weight, threads)
+        return _epilogue(acc[m:], acc[:m], x_scale, torch.full((m,), 32896.0), row_sums, w_scale, bias, threads)
+    w_t = weight.t()
+    return _epilogue(torch._int_mm(halves[1], w_t), torch._int_mm(halves[0], w_t), x_scale, None, row_sums, w_scale, bias, threads)
+
+
+@int8_weight_linear.register_fake
+def _(x, weight, w_scale, row_sums, bias):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+def _int8_args(x, tensors, bias):
+    x2d = x.reshape(-1, x.shape[-1])
+    w_scale = tensors["scale"].reshape(-1).float().contiguous()
+    return x2d, tensors["qdata"], w_scale, colsum(tensors), None if bias is None else bias.float().contiguous()
 
 
 @register_kernel("linear", "int8", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
                  requires=native.unavailable, pack=weight_colsum)
 def int8_weight_avx512(x, tensors, meta, bias):
-    """Weight-only int8: a VNNI GEMV on the 16-bit activation split for small M, two int8 GEMMs above."""
-    rows = _rows(x)
-    if rows > GEMV_ROWS_INT8:
-        return int8_weight_int_mm16(x, tensors, meta, bias)
-    scale, hi, lo = split_activation_16bit(x.reshape(rows, x.shape[-1]))
-    acc = gemv_u8s8(_u8(torch.cat([hi, lo])), tensors["qdata"]).float() - 128 * colsum(tensors)  # (2M, N)
-    out = finish_int(acc[:rows] * 256 + acc[rows:], scale, tensors["scale"].float(), bias, x.shape, x.dtype)
-    return _straight_through(out, x, bias, (tensors, meta))
+    """Weight-only int8 through VNNI/oneDNN integer GEMMs on a 16-bit activation split."""
+    out = int8_weight_linear(*_int8_args(x, tensors, bias))
+    return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
 
 
 @register_kernel("linear", "int8_dynamic", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
                  requires=native.unavailable, pack=weight_colsum)
 def int8_dynamic_avx512(x, tensors, meta, bias):
-    """Dynamic int8: a VNNI GEMV for small M (one pass over the weights), oneDNN's int8 GEMM above."""
-    rows = _rows(x)
-    if rows > GEMV_ROWS_INT8:
+    """Dynamic per-token int8 with fused quantization and epilogue (per-tensor activations: ``int_mm``)."""
+    act = meta["activation"]
+    if act.granularity != "per_token":
         return int8_dynamic_int_mm(x, tensors, meta, bias)
-    q, x_scale, x_zero = quantize_activation_int8(x.reshape(rows, x.shape[-1]), meta["activation"])
-    offset = 128 if x_zero is None else 128 + x_zero  # sum (q - zp) w = sum (q + 128) w - (128 + zp) colsum
-    acc = gemv_u8s8(_u8(q.float()), tensors["qdata"]).float() - offset * colsum(tensors)
-    out = finish_int(acc, x_scale.float(), tensors["scale"].float(), bias, x.shape, x.dtype)
-    return _straight_through(out, x, bias, (tensors, meta))
+    out = int8_dynamic_linear(*_int8_args(x, tensors, bias), act.symmetric)
+    return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
 
 
 def _float8_linear(x, tensors, meta, bias):

@@ -177,3 +177,111 @@ void lowbit_gemv_u8s8(const uint8_t *a, const int8_t *w, int32_t *y, int64_t M, 
         }
     }
 }
+
+/* ---- dynamic activation quantization and int32 epilogues (one pass each, replacing many small ops) ---- */
+
+static inline float row_reduce(const float *x, int64_t K, int want_max) {
+    /* min or max over the finite values of a row, seeded with 0 (the range always holds 0) */
+    __m512 best = _mm512_setzero_ps();
+    __m512 inf = _mm512_set1_ps(__builtin_inff());
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(live, x + k);
+        __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(v), inf, _CMP_LT_OQ) & live;
+        v = _mm512_maskz_mov_ps(finite, v);
+        best = want_max ? _mm512_max_ps(best, v) : _mm512_min_ps(best, v);
+    }
+    return want_max ? _mm512_reduce_max_ps(best) : _mm512_reduce_min_ps(best);
+}
+
+/* Per-row dynamic int8 quantization of x (M, K), the same formulas as lowbit.primitives.affine:
+ * symmetric: scale = max|x| / 127; asymmetric: scale = (max(x,0) - min(x,0)) / 255,
+ * zero = clamp(-128 - round(min(x,0) / scale)); q = clamp(round(x / scale) + zero, -128, 127).
+ * Scales are floored at FLT_MIN; NaN maps to the zero point, +-inf saturate.
+ * Writes q (as uint8 q + 128 when offset128), scale[m] and zero[m] (0 when symmetric). */
+void lowbit_quantize_rows_int8(const float *x, int8_t *q, float *scale, float *zero, int64_t M, int64_t K,
+                               int symmetric, int offset128, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float lo = row_reduce(row, K, 0), hi = row_reduce(row, K, 1), s, z;
+        if (symmetric) {
+            float amax = hi > -lo ? hi : -lo;
+            s = amax / 127.0f;
+            z = 0.0f;
+        } else {
+            s = (hi - lo) / 255.0f;
+        }
+        if (s < 1.17549435e-38f) s = 1.17549435e-38f;
+        if (!symmetric) {
+            z = -128.0f - __builtin_nearbyintf(lo / s);
+            z = z < -128.0f ? -128.0f : (z > 127.0f ? 127.0f : z);
+        }
+        scale[m] = s;
+        zero[m] = z;
+        __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z + (offset128 ? 128.0f : 0.0f));
+        __m512 qmin = _mm512_set1_ps(offset128 ? 0.0f : -128.0f), qmax = _mm512_set1_ps(offset128 ? 255.0f : 127.0f);
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, row + k), vs),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r); /* NaN -> 0 */
+            r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, vz), qmin), qmax);
+            __m512i qi = _mm512_cvtps_epi32(r);
+            if (offset128)
+                _mm_mask_storeu_epi8(q + m * K + k, live, _mm512_cvtusepi32_epi8(qi));
+            else
+                _mm_mask_storeu_epi8(q + m * K + k, live, _mm512_cvtsepi32_epi8(qi));
+        }
+    }
+}
+
+/* out[m, n] = (acc[m, n] (+ 256 * acc_hi[m, n]) - offset[m] * colsum[n]) * x_scale[m] * w_scale[n] + bias[n].
+ * acc_hi, offset and bias may be NULL. */
+void lowbit_int32_epilogue(const int32_t *acc, const int32_t *acc_hi, const float *x_scale, const float *offset,
+                           const float *colsum, const float *w_scale, const float *bias, float *out,
+                           int64_t M, int64_t N, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        __m512 xs = _mm512_set1_ps(x_scale[m]);
+        __m512 off = _mm512_set1_ps(offset ? offset[m] : 0.0f);
+        for (int64_t n = 0; n < N; n += 16) {
+            __mmask16 live = N - n >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+            __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, acc + m * N + n));
+            if (acc_hi)
+                v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, acc_hi + m * N + n)),
+                                    _mm512_set1_ps(256.0f), v);
+            if (offset)
+                v = _mm512_fnmadd_ps(off, _mm512_maskz_loadu_ps(live, colsum + n), v);
+            v = _mm512_mul_ps(v, _mm512_mul_ps(xs, _mm512_maskz_loadu_ps(live, w_scale + n)));
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, bias + n));
+            _mm512_mask_storeu_ps(out + m * N + n, live, v);
+        }
+    }
+}
+
+/* Per-row 16-bit split of x (M, K) into int8 halves, x = scale * (256 * hi + lo) (as
+ * lowbit.kernels.cpu.split_activation_16bit): scale = max|x| / 32639, hi in [-127, 127], lo in [-128, 127]. */
+void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float a = row_reduce(row, K, 1), b = -row_reduce(row, K, 0);
+        float s = (a > b ? a : b) / 32639.0f;
+        if (s < 1.17549435e-38f) s = 1.17549435e-38f;
+        scale[m] = s;
+        __m512 vs = _mm512_set1_ps(s), lim = _mm512_set1_ps(32639.0f);
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, row + k), vs),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
+            r = _mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+            __m512 h = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_add_ps(r, _mm512_set1_ps(128.0f)), _mm512_set1_ps(1.0f / 256.0f)),
+                                            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            __m512 l = _mm512_fnmadd_ps(h, _mm512_set1_ps(256.0f), r);
+            _mm_mask_storeu_epi8(hi + m * K + k, live, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
+            _mm_mask_storeu_epi8(lo + m * K + k, live, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
+        }
+    }
+}
