@@ -74,7 +74,7 @@ def choose_qparams(
     if symmetric or qt.is_float:
         if not symmetric:
             raise ValueError(f"{qt.name} quantization is symmetric; received symmetric=False")
-        amax = xb.abs().amax(dim=dims)
+        amax = torch.maximum(xb.amax(dim=dims), -xb.amin(dim=dims))  # no |x| copy of the tensor
         return _round_up(amax / qt.qmax, scale_dtype), None
     min_neg = xb.amin(dim=dims).clamp(max=0)
     max_pos = xb.amax(dim=dims).clamp(min=0)
@@ -117,12 +117,12 @@ def quantize(
         if saturate_nonfinite:
             scaled = torch.nan_to_num(scaled, nan=0.0)
         return scaled.clamp(qt.qmin, qt.qmax).to(qt.storage).reshape(shape)
-    q = torch.round(scaled)
+    q = scaled.round_()  # in place on the fresh quotient: one full-size temporary, not four
     if saturate_nonfinite:
-        q = torch.nan_to_num(q, nan=0.0)
+        q = q.nan_to_num_(nan=0.0)
     if zero_point is not None:
-        q = q + expand_params(zero_point).float()
-    return q.clamp(qt.qmin, qt.qmax).to(qt.storage).reshape(shape)
+        q = q.add_(expand_params(zero_point).float())
+    return q.clamp_(qt.qmin, qt.qmax).to(qt.storage).reshape(shape)
 
 
 def dequantize(

@@ -8,19 +8,6 @@
 
 #define ROWS 4 /* activation rows that share one pass over a weight row */
 
-/* 16 float8 e4m3fn codes -> 16 floats (finite codes only: weights are checked finite). */
-static inline __m512 decode_e4m3(__m128i bytes) {
-    __m512i v = _mm512_cvtepu8_epi32(bytes);
-    __m512i mag = _mm512_and_si512(v, _mm512_set1_epi32(0x7F));
-    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
-    /* normal: exponent bias 7 -> 127, 3 mantissa bits -> top of the 23 */
-    __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23));
-    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512.0f)); /* m * 2^-9 */
-    __mmask16 is_sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
-    __m512 f = _mm512_mask_blend_ps(is_sub, _mm512_castsi512_ps(normal), sub);
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), sign));
-}
-
 /* 16 e4m3fn codes -> 16 floats equal to 2^-8 times their values (callers fold 2^8 into the scale):
  * moving the 4-bit exponent and 3-bit mantissa under fp16's fields keeps subnormals exact. */
 static inline __m512 decode_e4m3_scaled(__m128i bytes) {
@@ -89,6 +76,20 @@ static inline __m256i to_bf16(__m512 f) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
 }
 
+/* 32 e4m3fn codes -> 32 bfloat16 bit patterns, exactly (16-bit lanes; subnormals from a table). */
+static inline __m512i decode_e4m3_bf16(__m256i bytes) {
+    __m512i v = _mm512_cvtepu8_epi16(bytes);
+    __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
+    __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+    /* bf16 of m * 2^-9 for m = 0..7 (entries 8..31 unused) */
+    __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                     0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0x0000);
+    __mmask32 is_sub = _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8));
+    __m512i bits = _mm512_mask_blend_epi16(is_sub, normal, _mm512_permutexvar_epi16(mag, table));
+    return _mm512_or_si512(bits, sign);
+}
+
 /* Rows [row0, row0 + rows) of (N, K) e4m3 codes -> bfloat16 rows in out (exact: 3 mantissa bits fit). */
 void lowbit_fp8_rows_to_bf16(const uint8_t *w, uint16_t *out, int64_t K, int64_t row0, int64_t rows, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -96,8 +97,8 @@ void lowbit_fp8_rows_to_bf16(const uint8_t *w, uint16_t *out, int64_t K, int64_t
         const uint8_t *src = w + (row0 + r) * K;
         uint16_t *dst = out + r * K;
         int64_t k = 0;
-        for (; k + 16 <= K; k += 16)
-            _mm256_storeu_si256((__m256i *)(dst + k), to_bf16(decode_e4m3(_mm_loadu_si128((const __m128i *)(src + k)))));
+        for (; k + 32 <= K; k += 32)
+            _mm512_storeu_si512((void *)(dst + k), decode_e4m3_bf16(_mm256_loadu_si256((const __m256i *)(src + k))));
         for (; k < K; k++) {
             float f = decode_e4m3_scalar(src[k]);
             uint32_t b;
