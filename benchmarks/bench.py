@@ -117,6 +117,7 @@ def bench_minilm(quick: bool) -> list[dict]:
 QUANTIZE_PROBE = """
 import gc, json, time, torch, lowbit
 from lowbit.embedded import load_minilm
+lowbit.kernels.native.library()  # the one-time build of the native kernels is not part of quantize_
 model, _ = load_minilm()
 with torch.no_grad():  # page in the float weights (the checkpoint is memory-mapped lazily)
     for p in model.parameters():

@@ -53,20 +53,18 @@ def test_fast_kernel_matches_reference(config, kernel, tolerance, rows, shape):
 
 
 @needs_native
-def test_int4_pack_is_skipped_when_rows_do_not_tile():
-    q = lowbit.Int4WeightOnly(group_size=32).quantize_weight(torch.randn(40, 64), "w")  # 40 % 16 != 0
-    assert q.packed is None
-    x = torch.randn(2, 64)
-    assert _relative(F.linear(x, q), F.linear(x, _reference(q))) < 5e-3
-
-
-@needs_native
-def test_int4_packed_layout_matches_canonical_values():
-    q = lowbit.Int4WeightOnly(group_size=32).quantize_weight(torch.randn(32, 128), "w")
-    assert q.packed is not None and q.packed_aux.shape == (4, 32, 2)
-    eye = torch.eye(128)
-    decoded = torch.ops.aten._weight_int4pack_mm_for_cpu(eye.bfloat16(), q.packed, 32, q.packed_aux).float().t()
-    torch.testing.assert_close(decoded, q.dequantize(), rtol=1e-2, atol=1e-2)
+@pytest.mark.parametrize("group_size, symmetric", [(32, False), (64, True), (128, False)])
+def test_int4_gemv_row_terms_and_odd_shapes(group_size, symmetric):
+    config = lowbit.Int4WeightOnly(group_size=group_size, symmetric=symmetric)
+    q = config.quantize_weight(torch.randn(40, 256), "w")  # 40 rows: not a multiple of any tile
+    dequantized = q.dequantize()
+    scale = q.scale.repeat_interleave(group_size, dim=1)
+    codes_minus_zero = dequantized / scale  # = q - zero, per element
+    expected = 32896.0 * (q.scale * codes_minus_zero.unflatten(-1, (-1, group_size)).sum(-1)).sum(-1)
+    torch.testing.assert_close(q.packed_aux, expected, rtol=1e-4, atol=1e-2)
+    for rows in (1, 2, avx512.GEMV_ROWS_INT4 + 1):
+        x = torch.randn(rows, 256)
+        assert _relative(F.linear(x, q), F.linear(x, _reference(q))) < 5e-3
 
 
 @needs_native
@@ -93,4 +91,4 @@ def test_unavailable_native_library_is_reported(monkeypatch):
 
 
 def test_gemv_thresholds_are_small():
-    assert 1 <= avx512.GEMV_ROWS_INT8 <= avx512.GEMV_ROWS_FLOAT8 <= avx512.INT4PACK_ROWS
+    assert all(1 <= rows <= 16 for rows in (avx512.GEMV_ROWS_INT8, avx512.GEMV_ROWS_FLOAT8, avx512.GEMV_ROWS_INT4))

@@ -20,7 +20,7 @@ from .registry import register_kernel
 # Rows up to which a memory-bound GEMV beats a GEMM on this machine kind (BENCHMARKS.md).
 GEMV_ROWS_INT8 = 8
 GEMV_ROWS_FLOAT8 = 8
-INT4PACK_ROWS = 16
+GEMV_ROWS_INT4 = 8
 
 
 def _lib():
@@ -229,29 +229,47 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
 
 
 def _pack_int4(tensors, meta) -> dict:
-    """PyTorch's CPU int4 layout and its (K/G, N, 2) [scale, zero] table, where w = (q - 8) * scale + zero."""
-    n, k = meta["shape"]
-    if n % 16 or k % 2:
-        return {}
-    signed = meta["qtype"] == "int4"
-    q = unpack_int4(tensors["qdata"], signed=signed).to(torch.int32)  # (N, K)
-    scale = tensors["scale"].float()  # (N, K/G)
-    if signed:
-        q, zero = q + 8, torch.zeros_like(scale)
-    else:
-        zero = (8 - tensors["zero_point"].float()) * scale
-    table = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/G, N, 2)
-    return {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), "packed_aux": table}
+    """Per-row constant of the int4 GEMV: 32896 * sum_g scale * sum_{k in g} (q - zero)."""
+    q = unpack_int4(tensors["qdata"], signed=meta["qtype"] == "int4").float()  # (N, K)
+    groups = q.unflatten(-1, (tensors["scale"].shape[-1], -1)).sum(-1)  # (N, K/G) sums of q
+    if "zero_point" in tensors:
+        groups = groups - tensors["zero_point"].float() * meta["block_size"][-1]
+    return {"packed_aux": 32896.0 * (tensors["scale"].float() * groups).sum(-1)}  # (N,)
+
+
+@torch.library.custom_op("lowbit::int4_gemv", mutates_args=())
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+              row_terms: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Weight-only int4 for a few rows, float32 (M, N): VNNI on a 16-bit split of the activation."""
+    x = x.contiguous().float()
+    (m, k), threads = x.shape, torch.get_num_threads()
+    halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
+    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, threads)
+    a = (halves.transpose(0, 1).to(torch.int16) + 128).to(torch.uint8)  # (M, 2, K)
+    a = a.view(m, 2, k // 64, 32, 2).transpose(-1, -2).contiguous()  # each 64-block: even k, then odd k
+    zero = None if zero_point is None else zero_point.contiguous()
+    scale, out = scale.float().contiguous(), torch.empty(m, packed.shape[0], dtype=torch.float32)
+    _lib().lowbit_int4_gemv(a.data_ptr(), x_scale.data_ptr(), packed.contiguous().data_ptr(), _ptr(zero), scale.data_ptr(),
+                            row_terms.contiguous().data_ptr(), out.data_ptr(), m, packed.shape[0], k, group_size, threads)
+    return out
+
+
+@int4_gemv.register_fake
+def _(x, packed, scale, zero_point, row_terms, group_size):
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
 @register_kernel("linear", "int4", "avx512", devices=("cpu",), priority=20, granularities=("per_group",),
                  requires=native.unavailable, pack=_pack_int4)
 def int4_weight_avx512(x, tensors, meta, bias):
-    """Weight-only int4: PyTorch's packed int4 GEMM (bf16 activations) for small M, bf16 decode + GEMM above."""
+    """Weight-only int4: VNNI GEMV on a 16-bit activation split for few rows, bf16 decode + GEMM above."""
     group = meta["block_size"][-1]
     x2d = x.reshape(-1, x.shape[-1])
-    if _rows(x) <= INT4PACK_ROWS and "packed" in tensors:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), tensors["packed"], group, tensors["packed_aux"])
+    if _rows(x) <= GEMV_ROWS_INT4 and x.shape[-1] % 64 == 0:  # the GEMV walks k in blocks of 64
+        row_terms = tensors.get("packed_aux")
+        if row_terms is None:  # a view that dropped its packing
+            row_terms = _pack_int4(tensors, meta)["packed_aux"]
+        out = int4_gemv(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), row_terms, group)
     else:
         out = int4_decoded_linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), group)
-    return _straight_through(_finish(out.float(), x, None, bias), x, bias, (tensors, meta))
+    return _straight_through(_finish(out, x, None, bias), x, bias, (tensors, meta))

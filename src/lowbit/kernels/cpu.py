@@ -10,9 +10,19 @@ from __future__ import annotations
 import torch
 
 from ..primitives.affine import choose_qparams, quantize
+from .native import cpu_flags
+from .reference import dequantize_weight
 from .registry import register_kernel
 
 _TINY = torch.finfo(torch.float32).tiny
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def needs_vnni(device_type: str) -> str | None:
+    """oneDNN's int8 GEMM accumulates in int32 only on VNNI/AMX CPUs; elsewhere int16 steps may saturate."""
+    if not any(flag in cpu_flags() for flag in _VNNI_FLAGS):
+        return f"needs a CPU with one of {list(_VNNI_FLAGS)} (without them int8 products can saturate)"
+    return None
 _SPLIT_MAX = 127 * 256 + 127  # largest 16-bit value whose high byte stays in int8
 
 
@@ -47,15 +57,13 @@ def _straight_through(out: torch.Tensor, x: torch.Tensor, bias, weight) -> torch
     grad_bias = bias is not None and bias.requires_grad
     if not torch.is_grad_enabled() or not (x.requires_grad or grad_bias):
         return out
-    from .reference import dequantize_weight
-
     zero_bias = None if bias is None else bias - bias.detach()
     w = dequantize_weight(*weight, x.dtype)
     return out.detach() + torch.nn.functional.linear(x - x.detach(), w, zero_bias)
 
 
 @register_kernel("linear", "int8_dynamic", "int_mm", devices=("cpu",), priority=10,
-                 granularities=("per_row",), pack=weight_colsum)
+                 granularities=("per_row",), pack=weight_colsum, requires=needs_vnni)
 def int8_dynamic_int_mm(x, tensors, meta, bias):
     """int8 x int8 -> int32 GEMM; y = (acc - zp_x * colsum_w) * s_x * s_w + bias."""
     x2d = x.reshape(-1, x.shape[-1])
@@ -81,7 +89,8 @@ def split_activation_16bit(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return scale, hi, xi - 256 * hi
 
 
-@register_kernel("linear", "int8", "int_mm16", devices=("cpu",), priority=10, granularities=("per_row",))
+@register_kernel("linear", "int8", "int_mm16", devices=("cpu",), priority=10, granularities=("per_row",),
+                 requires=needs_vnni)
 def int8_weight_int_mm16(x, tensors, meta, bias):
     """Weight-only int8 through two int8 GEMMs on a 16-bit split of the activation.
 

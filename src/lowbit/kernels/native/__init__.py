@@ -22,7 +22,8 @@ REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _state: dict = {}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel (Linux) reports; empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -36,7 +37,7 @@ def _cpu_flags() -> set[str]:
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"needs an x86-64 CPU, this is {platform.machine()}"
-    missing = [f for f in REQUIRED_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
         return None, f"needs CPU features {missing}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -65,8 +66,9 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.lowbit_quantize_rows_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32]
     lib.lowbit_int32_epilogue.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32]
     lib.lowbit_split_rows_16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32]
+    lib.lowbit_int4_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     for fn in (lib.lowbit_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_gemv_u8s8,
-               lib.lowbit_quantize_rows_int8, lib.lowbit_int32_epilogue, lib.lowbit_split_rows_16):
+               lib.lowbit_quantize_rows_int8, lib.lowbit_int32_epilogue, lib.lowbit_split_rows_16, lib.lowbit_int4_gemv):
         fn.restype = None
     return lib, None
 

@@ -286,3 +286,57 @@ void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, 
         }
     }
 }
+
+/* Weight-only 4-bit GEMV with VNNI on a 16-bit activation split (activation rows share each weight row).
+ *   a: (M, 2, K) uint8, the hi and lo halves of each row plus 128, each 64-block of k stored
+ *      de-interleaved (32 even k, then 32 odd k) to match the nibble order of the weights;
+ *   packed: (N, K/2) bytes, low nibble = even k; zero: (N, K/G) uint8 zero points (signed int4:
+ *      NULL, codes are flipped by XOR 8 and use zero 8); scale: (N, K/G) float32; G = 32 or a
+ *      multiple of 64; bias_term: (N,) float32 = 32896 * sum_g scale[n, g] * sum_{k in g} (q - zero):
+ *   y[m, n] = x_scale[m] * (sum_g scale[n, g] * (256 * acc_hi + acc_lo) - bias_term[n]).
+ * With G = 32 a 64-block holds two groups: bytes 0-15 and 32-47 belong to the first (even and odd k),
+ * 16-31 and 48-63 to the second; so do int32 lanes 0-3, 8-11 and 4-7, 12-15. */
+static inline __m512i pair_bytes(uint8_t first, uint8_t second) {
+    __m128i f = _mm_set1_epi8((char)first), s = _mm_set1_epi8((char)second);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(s, f)), _mm256_set_m128i(s, f), 1);
+}
+
+static inline __m512 pair_floats(float first, float second) {
+    __m256i half = _mm256_castps_si256(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(first)), _mm_set1_ps(second), 1));
+    return _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1));
+}
+
+void lowbit_int4_gemv(const uint8_t *a, const float *x_scale, const uint8_t *packed, const uint8_t *zero,
+                      const float *scale, const float *bias_term, float *y, int64_t M, int64_t N, int64_t K,
+                      int64_t G, int threads) {
+    int64_t groups = K / G, span = G < 64 ? 64 : G; /* k covered per step of the outer loop */
+    __m512i flip = _mm512_set1_epi8(zero ? 0 : 8);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = packed + n * (K / 2);
+        const float *sr = scale + n * groups;
+        const uint8_t *zr = zero ? zero + n * groups : NULL;
+        for (int64_t m = 0; m < M; m++) {
+            const uint8_t *ahi = a + m * 2 * K, *alo = ahi + K;
+            __m512 facc = _mm512_setzero_ps();
+            for (int64_t k0 = 0; k0 < K; k0 += span) {
+                int64_t g = k0 / G;
+                __m512i z = G < 64 ? pair_bytes(zr ? zr[g] : 8, zr ? zr[g + 1] : 8) : _mm512_set1_epi8((char)(zr ? zr[g] : 8));
+                __m512 s = G < 64 ? pair_floats(sr[g], sr[g + 1]) : _mm512_set1_ps(sr[g]);
+                __m512i acc_hi = _mm512_setzero_si512(), acc_lo = _mm512_setzero_si512();
+                for (int64_t k = k0; k < k0 + span; k += 64) {
+                    __m256i b = _mm256_loadu_si256((const __m256i *)(wr + k / 2));
+                    __m256i even = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+                    __m256i odd = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
+                    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+                    __m512i w = _mm512_sub_epi8(_mm512_xor_si512(q, flip), z); /* q - zero in [-15, 15] */
+                    acc_hi = _mm512_dpbusd_epi32(acc_hi, _mm512_loadu_si512((const void *)(ahi + k)), w);
+                    acc_lo = _mm512_dpbusd_epi32(acc_lo, _mm512_loadu_si512((const void *)(alo + k)), w);
+                }
+                __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_hi), _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(acc_lo));
+                facc = _mm512_fmadd_ps(v, s, facc);
+            }
+            y[m * N + n] = x_scale[m] * (_mm512_reduce_add_ps(facc) - bias_term[n]);
+        }
+    }
+}
