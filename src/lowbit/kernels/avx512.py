@@ -167,10 +167,12 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Ten
     (two int8 halves): VNNI GEMV for few rows, two oneDNN int8 GEMMs above."""
     x = x.contiguous().float()
     (m, k), threads = x.shape, torch.get_num_threads()
-    halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
-    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, threads)
-    if m <= GEMV_ROWS_INT8:  # u8 = half + 128 for vpdpbusd; 256 * 128 + 128 = 32896 times the row sum comes off
-        acc = _vnni_gemv((halves.view(2 * m, k).to(torch.int16) + 128).to(torch.uint8), weight, threads)
+    small = m <= GEMV_ROWS_INT8  # the GEMV takes uint8 halves + 128: 256 * 128 + 128 = 32896 row sums come off
+    halves, x_scale = torch.empty(2, m, k, dtype=torch.uint8 if small else torch.int8), torch.empty(m)
+    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k,
+                                int(small), threads)
+    if small:
+        acc = _vnni_gemv(halves.view(2 * m, k), weight, threads)
         return _epilogue(acc[m:], acc[:m], x_scale, torch.full((m,), 32896.0), row_sums, w_scale, bias, threads)
     w_t = weight.t()
     return _epilogue(torch._int_mm(halves[1], w_t), torch._int_mm(halves[0], w_t), x_scale, None, row_sums, w_scale, bias, threads)
@@ -243,10 +245,10 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_p
     """Weight-only int4 for a few rows, float32 (M, N): VNNI on a 16-bit split of the activation."""
     x = x.contiguous().float()
     (m, k), threads = x.shape, torch.get_num_threads()
-    halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
-    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, threads)
-    a = (halves.transpose(0, 1).to(torch.int16) + 128).to(torch.uint8)  # (M, 2, K)
-    a = a.view(m, 2, k // 64, 32, 2).transpose(-1, -2).contiguous()  # each 64-block: even k, then odd k
+    halves, x_scale = torch.empty(2, m, k, dtype=torch.uint8), torch.empty(m)
+    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, 1, threads)
+    a = halves.transpose(0, 1).reshape(m, 2, k // 64, 32, 2).transpose(-1, -2).contiguous()  # (M, 2, K): each
+    # 64-block of k holds the even k, then the odd k, as the weight nibbles do
     zero = None if zero_point is None else zero_point.contiguous()
     scale, out = scale.float().contiguous(), torch.empty(m, packed.shape[0], dtype=torch.float32)
     _lib().lowbit_int4_gemv(a.data_ptr(), x_scale.data_ptr(), packed.contiguous().data_ptr(), _ptr(zero), scale.data_ptr(),

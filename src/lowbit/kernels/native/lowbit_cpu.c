@@ -262,8 +262,10 @@ void lowbit_int32_epilogue(const int32_t *acc, const int32_t *acc_hi, const floa
 }
 
 /* Per-row 16-bit split of x (M, K) into int8 halves, x = scale * (256 * hi + lo) (as
- * lowbit.kernels.cpu.split_activation_16bit): scale = max|x| / 32639, hi in [-127, 127], lo in [-128, 127]. */
-void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int threads) {
+ * lowbit.kernels.cpu.split_activation_16bit): scale = max|x| / 32639, hi in [-127, 127], lo in [-128, 127].
+ * With offset128 the halves are stored as uint8 hi + 128 and lo + 128 (for vpdpbusd). */
+void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int offset128,
+                          int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
@@ -281,8 +283,15 @@ void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, 
             __m512 h = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_add_ps(r, _mm512_set1_ps(128.0f)), _mm512_set1_ps(1.0f / 256.0f)),
                                             _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
             __m512 l = _mm512_fnmadd_ps(h, _mm512_set1_ps(256.0f), r);
-            _mm_mask_storeu_epi8(hi + m * K + k, live, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
-            _mm_mask_storeu_epi8(lo + m * K + k, live, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
+            __m512i hq = _mm512_cvtps_epi32(h), lq = _mm512_cvtps_epi32(l);
+            if (offset128) {
+                __m512i bias = _mm512_set1_epi32(128);
+                _mm_mask_storeu_epi8(hi + m * K + k, live, _mm512_cvtusepi32_epi8(_mm512_add_epi32(hq, bias)));
+                _mm_mask_storeu_epi8(lo + m * K + k, live, _mm512_cvtusepi32_epi8(_mm512_add_epi32(lq, bias)));
+            } else {
+                _mm_mask_storeu_epi8(hi + m * K + k, live, _mm512_cvtsepi32_epi8(hq));
+                _mm_mask_storeu_epi8(lo + m * K + k, live, _mm512_cvtsepi32_epi8(lq));
+            }
         }
     }
 }
