@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.kernels import avx512, native
+from lowbit.primitives import choose_qparams, quantize
 from lowbit.kernels.registry import select_kernel
 from lowbit.tensors import DynamicActivationTensor
 
@@ -92,3 +93,33 @@ def test_unavailable_native_library_is_reported(monkeypatch):
 
 def test_gemv_thresholds_are_small():
     assert all(1 <= rows <= 16 for rows in (avx512.GEMV_ROWS_INT8, avx512.GEMV_ROWS_FLOAT8, avx512.GEMV_ROWS_INT4))
+
+
+def _hard_rows():
+    x = torch.randn(7, 100) * torch.logspace(-6, 3, 100)  # float8 subnormals to saturation
+    x[0, 0], x[1, 1], x[2, 2] = float("inf"), float("nan"), float("-inf")
+    x[3] = 0.0  # an all-zero row
+    return x
+
+
+@needs_native
+def test_fused_float8_activation_quantization_is_bit_exact():
+    x = _hard_rows()
+    r, scale = avx512.float8_rows(x)
+    expected_scale, _ = choose_qparams(x, (1, 100), "float8_e4m3fn", ignore_nonfinite=True)
+    codes = quantize(x, expected_scale, None, (1, 100), "float8_e4m3fn", saturate_nonfinite=True)
+    assert torch.equal(scale, expected_scale) and torch.equal(r, codes.float())
+
+
+@needs_native
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fused_int8_activation_quantization_is_bit_exact(symmetric):
+    x = _hard_rows()
+    q, scale, zero = (torch.empty(7, 100, dtype=torch.int8), torch.empty(7), torch.empty(7))
+    native.library().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), zero.data_ptr(), 7, 100,
+                                               int(symmetric), 0, 1)
+    expected_scale, expected_zero = choose_qparams(x, (1, 100), "int8", symmetric=symmetric, ignore_nonfinite=True)
+    expected = quantize(x, expected_scale, expected_zero, (1, 100), "int8", saturate_nonfinite=True)
+    assert torch.equal(q, expected) and torch.equal(scale, expected_scale.reshape(-1))
+    if not symmetric:
+        assert torch.equal(zero, expected_zero.float().reshape(-1))

@@ -100,12 +100,6 @@ def _(x, packed, scale, zero_point, group_size):
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
-def _gemv_linear(x, tensors, bias, is_fp8):
-    x2d = x.reshape(-1, x.shape[-1])
-    out = gemv(x2d, tensors["qdata"].view(torch.uint8) if is_fp8 else tensors["qdata"], tensors["scale"], bias, is_fp8)
-    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
 def _finish(out, x, scale, bias):
     """Apply the per-row (or per-tensor) weight scale and bias in float32; restore x's shape and dtype."""
     if scale is not None:
@@ -208,26 +202,50 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
     return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
 
 
-def _float8_linear(x, tensors, meta, bias):
+@torch.library.custom_op("lowbit::float8_rows", mutates_args=())
+def float8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row float8 e4m3fn quantization: ``(r, scale)`` with r on the e4m3 grid (exact in bf16), x ~= scale * r."""
+    x = x.contiguous().float()
+    r, scale = torch.empty_like(x), torch.empty(x.shape[0], 1)
+    _lib().lowbit_float8_rows(x.data_ptr(), r.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+    return r, scale
+
+
+@float8_rows.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=torch.float32), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
+def _float8_linear(x, tensors, bias, row_scale=None):
+    """(x @ W^T) * w_scale (* row_scale) + bias for e4m3 weights: GEMV for few rows, bf16 GEMM above."""
+    x2d = x.reshape(-1, x.shape[-1])
     if _rows(x) <= GEMV_ROWS_FLOAT8:
-        return _gemv_linear(x, tensors, bias, is_fp8=True)
-    out = fp8_decoded_linear(x.reshape(-1, x.shape[-1]), tensors["qdata"].view(torch.uint8))
-    return _finish(out, x, tensors["scale"], bias)
+        out = gemv(x2d, tensors["qdata"].view(torch.uint8), tensors["scale"], None, True)
+    else:
+        out = fp8_decoded_linear(x2d, tensors["qdata"].view(torch.uint8)) * tensors["scale"].reshape(1, -1).float()
+    if row_scale is not None:
+        out = out * row_scale
+    return _finish(out, x, None, bias)
 
 
 @register_kernel("linear", "float8", "avx512", devices=("cpu",), priority=20, granularities=("per_row", "per_tensor"),
                  qtypes=("float8_e4m3fn",), requires=native.unavailable)
 def float8_weight_avx512(x, tensors, meta, bias):
     """Weight-only float8 e4m3fn: GEMV for small M, exact bf16 decode + bf16 GEMM above."""
-    return _straight_through(_float8_linear(x, tensors, meta, bias), x, bias, (tensors, meta))
+    return _straight_through(_float8_linear(x, tensors, bias), x, bias, (tensors, meta))
 
 
 @register_kernel("linear", "float8_dynamic", "avx512", devices=("cpu",), priority=20,
                  granularities=("per_row", "per_tensor"), qtypes=("float8_e4m3fn",), requires=native.unavailable)
 def float8_dynamic_avx512(x, tensors, meta, bias):
-    """Activations fake-quantized to float8 as in the reference path, then the float8 weight kernel."""
-    xq = fake_quantize_activation(x.detach(), meta["activation"])
-    return _straight_through(_float8_linear(xq, tensors, meta, bias), x, bias, (tensors, meta))
+    """Activations quantized to float8 per token in one fused pass (per tensor: as the reference
+    path does), then the float8 weight kernel with the activation scale applied per row."""
+    if meta["activation"].granularity != "per_token" or meta["activation"].qtype != "float8_e4m3fn":
+        out = _float8_linear(fake_quantize_activation(x.detach(), meta["activation"]), tensors, bias)
+    else:
+        r, row_scale = float8_rows(x.detach().reshape(-1, x.shape[-1]))
+        out = _float8_linear(r.reshape(x.shape), tensors, bias, row_scale)
+    return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
 
 
 def _pack_int4(tensors, meta) -> dict:
