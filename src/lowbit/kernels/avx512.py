@@ -130,18 +130,22 @@ def _vnni_gemv(a: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Ten
     return out
 
 
-@torch.library.custom_op("lowbit::int8_dynamic_linear", mutates_args=())
-def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
-                        bias: torch.Tensor | None, symmetric: bool) -> torch.Tensor:
-    """Per-token int8 x int8 linear, float32 (M, N): fused activation quantization, VNNI GEMV for few
-    rows or oneDNN's int8 GEMM (``torch._int_mm``), and one fused epilogue for zero point, scales, bias."""
+@torch.library.custom_op("lowbit::int8_activation_linear", mutates_args=())
+def int8_activation_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
+                           bias: torch.Tensor | None, symmetric: bool, act_scale: torch.Tensor | None = None,
+                           act_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 x int8 linear, float32 (M, N): fused activation quantization (per token, or with the static
+    ``act_scale``/``act_zero`` from calibration), VNNI GEMV for few rows or oneDNN's int8 GEMM
+    (``torch._int_mm``), and one fused epilogue for zero point, scales and bias."""
     x = x.contiguous().float()
     (m, k), threads = x.shape, torch.get_num_threads()
     small = m <= GEMV_ROWS_INT8
     q = torch.empty(m, k, dtype=torch.uint8 if small else torch.int8)
     x_scale, zero = torch.empty(m), torch.empty(m)
+    fixed_scale = 0.0 if act_scale is None else float(act_scale.reshape(()))
+    fixed_zero = 0.0 if act_zero is None else float(act_zero.reshape(()))
     _lib().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k,
-                                     int(symmetric), int(small), threads)
+                                     int(symmetric), int(small), fixed_scale, fixed_zero, threads)
     if small:  # q holds q + 128: sum (q - zero) w = sum (q + 128) w - (zero + 128) * row_sum
         acc, offset = _vnni_gemv(q, weight, threads), zero + 128
     else:
@@ -149,8 +153,8 @@ def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Te
     return _epilogue(acc, None, x_scale, offset, row_sums, w_scale, bias, threads)
 
 
-@int8_dynamic_linear.register_fake
-def _(x, weight, w_scale, row_sums, bias, symmetric):
+@int8_activation_linear.register_fake
+def _(x, weight, w_scale, row_sums, bias, symmetric, act_scale=None, act_zero=None):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
@@ -198,21 +202,24 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
     act = meta["activation"]
     if act.granularity != "per_token":
         return int8_dynamic_int_mm(x, tensors, meta, bias)
-    out = int8_dynamic_linear(*_int8_args(x, tensors, bias), act.symmetric)
+    out = int8_activation_linear(*_int8_args(x, tensors, bias), act.symmetric)
     return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
 
 
 @torch.library.custom_op("lowbit::float8_rows", mutates_args=())
-def float8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row float8 e4m3fn quantization: ``(r, scale)`` with r on the e4m3 grid (exact in bf16), x ~= scale * r."""
+def float8_rows(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float8 e4m3fn quantization per row (or with the static ``act_scale``): ``(r, scale)`` with r on
+    the e4m3 grid (exact in bf16) and x ~= scale * r."""
     x = x.contiguous().float()
     r, scale = torch.empty_like(x), torch.empty(x.shape[0], 1)
-    _lib().lowbit_float8_rows(x.data_ptr(), r.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+    fixed = 0.0 if act_scale is None else float(act_scale.reshape(()))
+    _lib().lowbit_float8_rows(x.data_ptr(), r.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1], fixed,
+                              torch.get_num_threads())
     return r, scale
 
 
 @float8_rows.register_fake
-def _(x):
+def _(x, act_scale=None):
     return torch.empty_like(x, dtype=torch.float32), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 

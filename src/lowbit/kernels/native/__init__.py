@@ -58,16 +58,16 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
                 return None, f"building its kernels failed: {result.stderr.strip()[-400:]}"
             os.replace(target, library)  # atomic: concurrent builders never see a half-written file
     lib = ctypes.CDLL(str(library))
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.lowbit_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
     lib.lowbit_fp8_rows_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     lib.lowbit_gemv_u8s8.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32]
-    lib.lowbit_quantize_rows_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32]
+    lib.lowbit_quantize_rows_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32, i32, f32, f32, i32]
     lib.lowbit_int32_epilogue.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32]
     lib.lowbit_split_rows_16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32, i32]
     lib.lowbit_int4_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
-    lib.lowbit_float8_rows.argtypes = [ptr, ptr, ptr, i64, i64, i32]
+    lib.lowbit_float8_rows.argtypes = [ptr, ptr, ptr, i64, i64, f32, i32]
     for fn in (lib.lowbit_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_gemv_u8s8,
                lib.lowbit_quantize_rows_int8, lib.lowbit_int32_epilogue, lib.lowbit_split_rows_16, lib.lowbit_int4_gemv,
                lib.lowbit_float8_rows):

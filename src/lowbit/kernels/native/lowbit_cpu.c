@@ -201,20 +201,25 @@ static inline float row_reduce(const float *x, int64_t K, int want_max) {
  * Scales are floored at FLT_MIN; NaN maps to the zero point, +-inf saturate.
  * Writes q (as uint8 q + 128 when offset128), scale[m] and zero[m] (0 when symmetric). */
 void lowbit_quantize_rows_int8(const float *x, int8_t *q, float *scale, float *zero, int64_t M, int64_t K,
-                               int symmetric, int offset128, int threads) {
+                               int symmetric, int offset128, float fixed_scale, float fixed_zero, int threads) {
+    /* fixed_scale > 0: static quantization with a calibrated scale and zero point for every row */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        float lo = row_reduce(row, K, 0), hi = row_reduce(row, K, 1), s, z;
-        if (symmetric) {
+        float lo = fixed_scale > 0 ? 0.0f : row_reduce(row, K, 0), hi = fixed_scale > 0 ? 0.0f : row_reduce(row, K, 1), s, z;
+        if (fixed_scale > 0) {
+            s = fixed_scale;
+            z = fixed_zero;
+        } else if (symmetric) {
             float amax = hi > -lo ? hi : -lo;
             s = amax / 127.0f;
             z = 0.0f;
         } else {
             s = (hi - lo) / 255.0f;
+            z = 0.0f;
         }
         if (s < 1.17549435e-38f) s = 1.17549435e-38f;
-        if (!symmetric) {
+        if (!symmetric && fixed_scale <= 0) {
             z = -128.0f - __builtin_nearbyintf(lo / s);
             z = z < -128.0f ? -128.0f : (z > 127.0f ? 127.0f : z);
         }
@@ -354,12 +359,13 @@ void lowbit_int4_gemv(const uint8_t *a, const float *x_scale, const uint8_t *pac
  * scale = max|x| / 448 (floored at FLT_MIN, non-finite values ignored), v = clamp(x / scale, -448, 448)
  * rounded half-to-even to e4m3 (3 mantissa bits; steps of 2^-9 below 2^-6), NaN -> 0. Writes the
  * rounded values r (exact in bfloat16) and the scale: x ~= scale[m] * r[m, :]. */
-void lowbit_float8_rows(const float *x, float *r, float *scale, int64_t M, int64_t K, int threads) {
+void lowbit_float8_rows(const float *x, float *r, float *scale, int64_t M, int64_t K, float fixed_scale, int threads) {
+    /* fixed_scale > 0: static quantization with a calibrated scale for every row */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        float a = row_reduce(row, K, 1), b = -row_reduce(row, K, 0);
-        float s = (a > b ? a : b) / 448.0f;
+        float a = fixed_scale > 0 ? 0.0f : row_reduce(row, K, 1), b = fixed_scale > 0 ? 0.0f : -row_reduce(row, K, 0);
+        float s = fixed_scale > 0 ? fixed_scale : (a > b ? a : b) / 448.0f;
         if (s < 1.17549435e-38f) s = 1.17549435e-38f;
         scale[m] = s;
         __m512 vs = _mm512_set1_ps(s), lim = _mm512_set1_ps(448.0f);
