@@ -8,6 +8,7 @@ Example:
 
 from . import kernels
 from .api import default_filter, quantize_, register_handler
+from .calibration import NotCalibratedError, calibrate, convert, prepare
 from .configs import (
     Float8DynamicActivation,
     Float8WeightOnly,
@@ -15,6 +16,8 @@ from .configs import (
     Int8DynamicActivation,
     Int8WeightOnly,
     QuantConfig,
+    StaticFloat8,
+    StaticInt8,
 )
 from .modules import QuantizedLinear
 from .tensors import (
@@ -24,6 +27,7 @@ from .tensors import (
     Int4Tensor,
     Int8Tensor,
     QuantizedTensor,
+    StaticActivationTensor,
 )
 
 __version__ = "0.1.0"
@@ -39,11 +43,18 @@ __all__ = [
     "Int8DynamicActivation",
     "Int8Tensor",
     "Int8WeightOnly",
+    "NotCalibratedError",
     "QuantConfig",
     "QuantizedLinear",
     "QuantizedTensor",
+    "StaticActivationTensor",
+    "StaticFloat8",
+    "StaticInt8",
+    "calibrate",
+    "convert",
     "default_filter",
     "kernels",
+    "prepare",
     "quantize_",
     "register_handler",
 ]

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
-from .configs import CONFIGS, QuantConfig
+from .configs import CONFIGS, STATIC_CONFIGS, QuantConfig
 from .kernels.registry import layout, select_kernel
 from .modules import QuantizedLinear
 from .primitives.affine import check_finite
@@ -65,6 +65,11 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
         >>> type(model[0].weight).__name__
         'Int8Tensor'
     """
+    if isinstance(config, STATIC_CONFIGS):
+        raise ValueError(
+            f"{config.label()} needs calibration data: lowbit.prepare(model, config); lowbit.calibrate(model, data); "
+            f"lowbit.convert(model)"
+        )
     handler = _HANDLERS.get(type(config))
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)

@@ -181,3 +181,61 @@ class Float8DynamicActivation(QuantConfig):
 
 
 CONFIGS = (Int8WeightOnly, Int4WeightOnly, Int8DynamicActivation, Float8WeightOnly, Float8DynamicActivation)
+
+
+@dataclass(frozen=True)
+class StaticInt8(QuantConfig):
+    """Static int8: per-tensor activation scale (and zero point) from calibration, per-channel
+    symmetric int8 weights (the x86 default). Use with ``prepare`` / ``calibrate`` / ``convert``.
+
+    Args:
+        act_symmetric: symmetric activations (no zero point) instead of affine.
+        observer: ``"minmax"``, ``"moving_average"``, ``"histogram"`` or ``"percentile"``.
+    """
+
+    act_symmetric: bool = False
+    observer: str = "histogram"
+    kernel: str = "auto"
+    scheme = "int8_static"
+    qtype = "int8"
+    act_qtype = "int8"
+
+    def __post_init__(self):
+        _check_observer(self.observer)
+
+    def quantize_weight(self, weight, name):
+        return Int8Tensor.from_float(weight, self.block_size_for(weight.shape), kernel=self.kernel, name=name)
+
+
+@dataclass(frozen=True)
+class StaticFloat8(QuantConfig):
+    """Static float8: per-tensor e4m3fn activation scale from calibration, per-row float8 weights."""
+
+    float8_dtype: torch.dtype = torch.float8_e4m3fn
+    observer: str = "minmax"
+    kernel: str = "auto"
+    scheme = "float8_static"
+    act_symmetric = True
+
+    def __post_init__(self):
+        float8_qtype(self.float8_dtype)
+        _check_observer(self.observer)
+
+    @property
+    def qtype(self) -> str:
+        return float8_qtype(self.float8_dtype).name
+
+    act_qtype = qtype
+
+    def quantize_weight(self, weight, name):
+        block = self.block_size_for(weight.shape)
+        return Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name)
+
+
+OBSERVER_NAMES = ("minmax", "moving_average", "histogram", "percentile")
+STATIC_CONFIGS = (StaticInt8, StaticFloat8)
+
+
+def _check_observer(name: str) -> None:
+    if name not in OBSERVER_NAMES:
+        raise ValueError(f"observer must be one of {OBSERVER_NAMES}; received {name!r}")

@@ -35,7 +35,20 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, config) -> "QuantizedLinear":
         """Quantize ``linear.weight`` as ``config`` does on the subclass path."""
-        weight = config.quantize_weight(linear.weight.detach(), "weight")
+        return cls.from_quantized_weight(linear, config.quantize_weight(linear.weight.detach(), "weight"))
+
+    @classmethod
+    def from_observed(cls, linear: nn.Linear) -> "QuantizedLinear":
+        """Convert one layer prepared and calibrated by the static flow (``lowbit.prepare``)."""
+        from .calibration.static import convert
+
+        holder = nn.ModuleDict({"layer": linear})
+        convert(holder)
+        return cls.from_quantized_weight(holder["layer"], holder["layer"].weight)
+
+    @classmethod
+    def from_quantized_weight(cls, linear: nn.Linear, weight) -> "QuantizedLinear":
+        """Hold an already quantized weight (a lowbit tensor subclass) as plain buffers."""
         tensors, meta = weight.kernel_inputs()
         return cls(linear.in_features, linear.out_features, weight.scheme, tensors, meta, linear.bias)
 

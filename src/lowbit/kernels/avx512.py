@@ -255,6 +255,26 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
     return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
 
 
+@register_kernel("linear", "int8_static", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
+                 requires=native.unavailable, pack=weight_colsum)
+def int8_static_avx512(x, tensors, meta, bias):
+    """Static int8: the dynamic kernel with the calibrated per-tensor scale and zero point."""
+    out = int8_activation_linear(*_int8_args(x, tensors, bias), meta["activation"].symmetric, tensors["act_scale"],
+                                 tensors.get("act_zero_point"))
+    return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
+
+
+@register_kernel("linear", "float8_static", "avx512", devices=("cpu",), priority=20,
+                 granularities=("per_row", "per_tensor"), qtypes=("float8_e4m3fn",), requires=native.unavailable)
+def float8_static_avx512(x, tensors, meta, bias):
+    """Static float8: activations rounded to e4m3 with the calibrated scale, then the float8 weight kernel."""
+    if meta["activation"].qtype != "float8_e4m3fn":
+        raise NotImplementedError(f"the avx512 float8 kernel takes e4m3fn activations; received {meta['activation'].qtype}")
+    r, row_scale = float8_rows(x.detach().reshape(-1, x.shape[-1]), tensors["act_scale"])
+    out = _float8_linear(r.reshape(x.shape), tensors, bias, row_scale)
+    return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
+
+
 def _pack_int4(tensors, meta) -> dict:
     """Per-row constant of the int4 GEMV: 32896 * sum_g scale * sum_{k in g} (q - zero)."""
     q = unpack_int4(tensors["qdata"], signed=meta["qtype"] == "int4").float()  # (N, K)

@@ -20,6 +20,7 @@ from .registry import register_kernel
 
 WEIGHT_SCHEMES = ("int8", "int4", "float8")
 DYNAMIC_SCHEMES = ("int8_dynamic", "float8_dynamic")
+STATIC_SCHEMES = ("int8_static", "float8_static")
 
 
 def dequantize_weight(tensors: Mapping[str, torch.Tensor], meta: Mapping, dtype: torch.dtype) -> torch.Tensor:
@@ -42,12 +43,27 @@ def fake_quantize_activation(x: torch.Tensor, act) -> torch.Tensor:
     return xq
 
 
+def fake_quantize_static(x: torch.Tensor, act, scale: torch.Tensor, zero_point) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with a calibrated per-tensor scale, straight-through for autograd."""
+    ones = (1,) * x.dim()
+    scale = scale.reshape(ones)
+    zero_point = None if zero_point is None else zero_point.reshape(ones)
+    q = quantize(x, scale, zero_point, tuple(x.shape), act.qtype, saturate_nonfinite=True)
+    xq = dequantize(q, scale, zero_point, tuple(x.shape), x.dtype)
+    return x + (xq - x).detach() if x.requires_grad else xq
+
+
 def _linear(x, tensors, meta, bias):
     return F.linear(x, dequantize_weight(tensors, meta, x.dtype), bias)
 
 
 def _dynamic_linear(x, tensors, meta, bias):
     return _linear(fake_quantize_activation(x, meta["activation"]), tensors, meta, bias)
+
+
+def _static_linear(x, tensors, meta, bias):
+    xq = fake_quantize_static(x, meta["activation"], tensors["act_scale"], tensors.get("act_zero_point"))
+    return _linear(xq, tensors, meta, bias)
 
 
 def _bmm(x, tensors, meta, bias):
@@ -71,3 +87,5 @@ for _scheme in WEIGHT_SCHEMES:
     register_kernel("embedding", _scheme, "reference", priority=-100)(_embedding)
 for _scheme in DYNAMIC_SCHEMES:
     register_kernel("linear", _scheme, "reference", priority=-100)(_dynamic_linear)
+for _scheme in STATIC_SCHEMES:
+    register_kernel("linear", _scheme, "reference", priority=-100)(_static_linear)

@@ -1,6 +1,6 @@
 """Quantized tensor subclasses."""
 
-from .activation import ActivationQuant, DynamicActivationTensor
+from .activation import ActivationQuant, DynamicActivationTensor, StaticActivationTensor
 from .base import QuantizedTensor
 from .blockwise import BlockQuantizedTensor
 from .float8 import Float8Tensor
@@ -15,4 +15,5 @@ __all__ = [
     "Int4Tensor",
     "Int8Tensor",
     "QuantizedTensor",
+    "StaticActivationTensor",
 ]

@@ -131,3 +131,60 @@ def _linear(input, weight, bias=None):
     if not isinstance(weight, DynamicActivationTensor) or isinstance(input, QuantizedTensor):
         raise NotImplementedError(f"F.linear supports a plain input and a quantized weight; received {type(input).__name__}")
     return run_kernel("linear", weight, input, bias)
+
+
+class StaticActivationTensor(DynamicActivationTensor):
+    """Wraps a quantized weight; ``F.linear`` quantizes its input with a calibrated per-tensor scale
+    (and zero point) first. Made by :func:`lowbit.convert` after calibration.
+
+    Example:
+        >>> from lowbit.tensors.int8 import Int8Tensor
+        >>> w = Int8Tensor.from_float(torch.randn(8, 16), block_size=(1, 16))
+        >>> act = ActivationQuant("int8", "per_tensor", symmetric=True)
+        >>> q = StaticActivationTensor.wrap_static(w, act, torch.tensor(0.05), None)
+        >>> tuple(F.linear(torch.randn(2, 16), q).shape)
+        (2, 8)
+    """
+
+    tensor_names = ("weight", "act_scale")
+    optional_tensor_names = ("act_zero_point",)
+
+    @classmethod
+    def wrap_static(cls, weight, activation: ActivationQuant, act_scale: torch.Tensor, act_zero_point):
+        """Wrap ``weight`` with a calibrated activation scale (0-d float32) and zero point (0-d or None)."""
+        if activation.granularity != "per_tensor":
+            raise ValueError(f"static activations are quantized per tensor; received {activation.granularity!r}")
+        weight = with_packing(weight, f"{weight.scheme}_static")
+        return cls(weight=weight, act_scale=act_scale, act_zero_point=act_zero_point, activation=activation,
+                   shape=weight.shape, dtype=weight.dtype)
+
+    @property
+    def scheme(self) -> str:
+        return f"{self.weight.scheme}_static"
+
+    def kernel_inputs(self) -> tuple[dict, dict]:
+        tensors, meta = super().kernel_inputs()
+        tensors = {**tensors, "act_scale": self.act_scale}
+        if self.act_zero_point is not None:
+            tensors["act_zero_point"] = self.act_zero_point
+        return tensors, meta
+
+
+@StaticActivationTensor.implements(aten._to_copy.default)
+def _static_to_copy(func, args, kwargs):
+    moved = _to_copy(func, args, kwargs)
+    device = moved.weight.device
+    zero = moved.act_zero_point
+    return moved.rebuild(act_scale=moved.act_scale.to(device), act_zero_point=None if zero is None else zero.to(device))
+
+
+@StaticActivationTensor.implements(aten.copy_.default)
+def _static_copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(src, StaticActivationTensor) or (src.act_zero_point is None) != (dst.act_zero_point is None):
+        raise ValueError(f"cannot copy into a weight with static {dst.activation}: received {type(src).__name__}")
+    _copy_(func, args, kwargs)
+    dst.act_scale.copy_(src.act_scale)
+    if dst.act_zero_point is not None:
+        dst.act_zero_point.copy_(src.act_zero_point)
+    return dst

@@ -1,0 +1,132 @@
+"""Static quantization in eager mode: ``prepare`` attaches observers, ``calibrate`` runs data through
+the model, ``convert`` freezes the observed activation scales into the weights.
+
+The model keeps its structure: a converted nn.Linear is still an nn.Linear whose weight is a
+:class:`~lowbit.tensors.StaticActivationTensor` (``convert(..., module_swap=True)`` gives
+:class:`~lowbit.QuantizedLinear` modules instead, with identical outputs).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..api import FilterFn, WeightHandler, _set_submodule, default_filter
+from ..configs import STATIC_CONFIGS, QuantConfig
+from ..modules import QuantizedLinear
+from ..primitives.affine import check_finite
+from ..tensors import ActivationQuant, StaticActivationTensor
+from .observers import OBSERVERS, NotCalibratedError
+
+OBSERVER_ATTR = "lowbit_observer"
+
+
+def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Attach an activation observer to the input of every selected layer (in place).
+
+    Example:
+        >>> import lowbit
+        >>> model = nn.Sequential(nn.Linear(16, 8))
+        >>> _ = lowbit.prepare(model, lowbit.StaticInt8())
+        >>> hasattr(model[0], "lowbit_observer")
+        True
+    """
+    if not isinstance(config, STATIC_CONFIGS):
+        names = ", ".join(c.__name__ for c in STATIC_CONFIGS)
+        raise TypeError(f"prepare takes a static config ({names}); received {type(config).__name__}")
+    targets = [(fqn, m) for fqn, m in model.named_modules() if (filter_fn or default_filter)(m, fqn)]
+    if not targets:
+        raise ValueError(f"prepare with {config.label()}: filter_fn selected no module")
+    already = [fqn for fqn, m in targets if hasattr(m, OBSERVER_ATTR)]
+    if already:
+        raise ValueError(f"modules {already[:5]} are already prepared; call lowbit.convert or start from a float model")
+    WeightHandler().validate(targets, config, module_swap=False)
+    for _, module in targets:
+        module.add_module(OBSERVER_ATTR, OBSERVERS[config.observer](config.act_qtype, config.act_symmetric))
+        module._lowbit_static = (config, module.register_forward_pre_hook(_observe_input))
+    return model
+
+
+def _observe_input(module: nn.Module, args) -> None:
+    getattr(module, OBSERVER_ATTR)(args[0])
+
+
+def _prepared(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = [(fqn, m) for fqn, m in model.named_modules() if hasattr(m, OBSERVER_ATTR)]
+    if not found:
+        raise ValueError("the model has no observers: call lowbit.prepare(model, config) first")
+    return found
+
+
+def _progress(iterable, total: int | None, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return iterable
+    return tqdm(iterable, total=total, desc="calibrating", unit="batch", file=sys.stderr)
+
+
+def calibrate(model: nn.Module, data: Iterable, max_batches: int | None = None, progress: bool = True) -> int:
+    """Run ``data`` through a prepared model in eval mode, without gradients; return the batch count.
+
+    Each batch is passed as ``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list,
+    and ``model(batch)`` otherwise.
+    """
+    _prepared(model)
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be a positive int or None; received {max_batches}")
+    total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
+    was_training = model.training
+    model.eval()
+    count = 0
+    with torch.inference_mode():
+        for batch in _progress(data, total, progress):
+            if max_batches is not None and count >= max_batches:
+                break
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+            count += 1
+    model.train(was_training)
+    return count
+
+
+def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
+    """Freeze observed activation scales and quantize the weights of every prepared layer (in place).
+
+    Raises:
+        NotCalibratedError: a layer's observer saw no data; nothing is changed.
+    """
+    prepared = _prepared(model)
+    blind = [fqn for fqn, m in prepared if not getattr(m, OBSERVER_ATTR).observed]
+    if blind:
+        raise NotCalibratedError(
+            f"no activations were observed for {blind[:5]}{' ...' if len(blind) > 5 else ''}: "
+            f"run lowbit.calibrate(model, data) with data that reaches these layers first"
+        )
+    planned = []
+    for fqn, module in prepared:  # quantize everything before changing anything
+        config = module._lowbit_static[0]
+        check_finite(module.weight.detach(), f"{fqn}.weight")
+        scale, zero_point = getattr(module, OBSERVER_ATTR).calculate_qparams()
+        activation = ActivationQuant(config.act_qtype, "per_tensor", config.act_symmetric)
+        with torch.no_grad():
+            weight = config.quantize_weight(module.weight.detach(), f"{fqn}.weight")
+        planned.append((fqn, module, StaticActivationTensor.wrap_static(weight, activation, scale.float(), zero_point)))
+    for fqn, module, qweight in planned:
+        module._lowbit_static[1].remove()
+        del module._lowbit_static
+        delattr(module, OBSERVER_ATTR)
+        if module_swap:
+            _set_submodule(model, fqn, QuantizedLinear.from_quantized_weight(module, qweight))
+        else:
+            module.weight = nn.Parameter(qweight, requires_grad=False)
+    return model
