@@ -190,11 +190,17 @@ class StaticInt8(QuantConfig):
 
     Args:
         act_symmetric: symmetric activations (no zero point) instead of affine.
-        observer: ``"minmax"``, ``"moving_average"``, ``"histogram"`` or ``"percentile"``.
+        observer: ``"minmax"``, ``"moving_average"``, ``"histogram"`` or ``"percentile"`` (the
+            activation range when ``smoothing`` is None).
+        smoothing: SmoothQuant strength alpha in [0, 1], or None. Each input channel c is divided by
+            ``s_c = max|x_c|^alpha / max|W[:, c]|^(1 - alpha)`` before quantization and the weight's
+            column c multiplied by it, moving activation outliers into the per-channel weight scales;
+            the activation range is then the calibrated per-channel range divided by s.
     """
 
     act_symmetric: bool = False
     observer: str = "histogram"
+    smoothing: float | None = 0.8
     kernel: str = "auto"
     scheme = "int8_static"
     qtype = "int8"
@@ -202,6 +208,8 @@ class StaticInt8(QuantConfig):
 
     def __post_init__(self):
         _check_observer(self.observer)
+        if self.smoothing is not None and not 0 <= self.smoothing <= 1:
+            raise ValueError(f"smoothing must be None or in [0, 1]; received {self.smoothing}")
 
     def quantize_weight(self, weight, name):
         return Int8Tensor.from_float(weight, self.block_size_for(weight.shape), kernel=self.kernel, name=name)
@@ -215,6 +223,7 @@ class StaticFloat8(QuantConfig):
     observer: str = "minmax"
     kernel: str = "auto"
     scheme = "float8_static"
+    smoothing = None
     act_symmetric = True
 
     def __post_init__(self):

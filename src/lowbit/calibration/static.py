@@ -19,9 +19,10 @@ from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
 from ..tensors import ActivationQuant, StaticActivationTensor
-from .observers import OBSERVERS, NotCalibratedError
+from .observers import OBSERVERS, MinMaxObserver, NotCalibratedError, PerChannelMinMaxObserver
 
 OBSERVER_ATTR = "lowbit_observer"
+CHANNEL_OBSERVER_ATTR = "lowbit_channel_observer"
 
 
 def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> nn.Module:
@@ -46,12 +47,28 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     WeightHandler().validate(targets, config, module_swap=False)
     for _, module in targets:
         module.add_module(OBSERVER_ATTR, OBSERVERS[config.observer](config.act_qtype, config.act_symmetric))
+        if config.smoothing is not None:
+            module.add_module(CHANNEL_OBSERVER_ATTR, PerChannelMinMaxObserver(config.act_qtype, axis=-1))
         module._lowbit_static = (config, module.register_forward_pre_hook(_observe_input))
     return model
 
 
 def _observe_input(module: nn.Module, args) -> None:
     getattr(module, OBSERVER_ATTR)(args[0])
+    if hasattr(module, CHANNEL_OBSERVER_ATTR):
+        getattr(module, CHANNEL_OBSERVER_ATTR)(args[0])
+
+
+def _smoothing(module: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SmoothQuant factors s (K,), the smoothed weight W * s and the range (lo, hi) of x / s."""
+    channels = getattr(module, CHANNEL_OBSERVER_ATTR)
+    weight = module.weight.detach().float()
+    act_max = torch.maximum(channels.max_val.abs(), channels.min_val.abs())  # (K,)
+    weight_max = weight.abs().amax(0)  # (K,)
+    alpha = config.smoothing
+    s = act_max.clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)
+    s = torch.where((act_max > 0) & (weight_max > 0), s, torch.ones_like(s))
+    return s, (weight * s).to(module.weight.dtype), ((channels.min_val / s).min(), (channels.max_val / s).max())
 
 
 def _prepared(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -116,15 +133,22 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
     for fqn, module in prepared:  # quantize everything before changing anything
         config = module._lowbit_static[0]
         check_finite(module.weight.detach(), f"{fqn}.weight")
-        scale, zero_point = getattr(module, OBSERVER_ATTR).calculate_qparams()
+        observer, smooth, weight = getattr(module, OBSERVER_ATTR), None, module.weight.detach()
+        if config.smoothing is not None:
+            smooth, weight, (lo, hi) = _smoothing(module, config)
+            observer = MinMaxObserver(config.act_qtype, config.act_symmetric)
+            observer.update(lo, hi)
+        scale, zero_point = observer.calculate_qparams()
         activation = ActivationQuant(config.act_qtype, "per_tensor", config.act_symmetric)
         with torch.no_grad():
-            weight = config.quantize_weight(module.weight.detach(), f"{fqn}.weight")
-        planned.append((fqn, module, StaticActivationTensor.wrap_static(weight, activation, scale.float(), zero_point)))
+            qweight = config.quantize_weight(weight, f"{fqn}.weight")
+        planned.append((fqn, module, StaticActivationTensor.wrap_static(qweight, activation, scale.float(), zero_point, smooth)))
     for fqn, module, qweight in planned:
         module._lowbit_static[1].remove()
         del module._lowbit_static
         delattr(module, OBSERVER_ATTR)
+        if hasattr(module, CHANNEL_OBSERVER_ATTR):
+            delattr(module, CHANNEL_OBSERVER_ATTR)
         if module_swap:
             _set_submodule(model, fqn, QuantizedLinear.from_quantized_weight(module, qweight))
         else:

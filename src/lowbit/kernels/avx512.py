@@ -259,7 +259,9 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
                  requires=native.unavailable, pack=weight_colsum)
 def int8_static_avx512(x, tensors, meta, bias):
     """Static int8: the dynamic kernel with the calibrated per-tensor scale and zero point."""
-    out = int8_activation_linear(*_int8_args(x, tensors, bias), meta["activation"].symmetric, tensors["act_scale"],
+    smooth = tensors.get("act_smooth")
+    xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
+    out = int8_activation_linear(*_int8_args(xs, tensors, bias), meta["activation"].symmetric, tensors["act_scale"],
                                  tensors.get("act_zero_point"))
     return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
 
@@ -270,7 +272,9 @@ def float8_static_avx512(x, tensors, meta, bias):
     """Static float8: activations rounded to e4m3 with the calibrated scale, then the float8 weight kernel."""
     if meta["activation"].qtype != "float8_e4m3fn":
         raise NotImplementedError(f"the avx512 float8 kernel takes e4m3fn activations; received {meta['activation'].qtype}")
-    r, row_scale = float8_rows(x.detach().reshape(-1, x.shape[-1]), tensors["act_scale"])
+    smooth = tensors.get("act_smooth")
+    xs = x.detach() if smooth is None else x.detach() / smooth.to(x.dtype)
+    r, row_scale = float8_rows(xs.reshape(-1, x.shape[-1]), tensors["act_scale"])
     out = _float8_linear(r.reshape(x.shape), tensors, bias, row_scale)
     return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
 

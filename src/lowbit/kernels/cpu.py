@@ -59,6 +59,8 @@ def _straight_through(out: torch.Tensor, x: torch.Tensor, bias, weight) -> torch
         return out
     zero_bias = None if bias is None else bias - bias.detach()
     w = dequantize_weight(*weight, x.dtype)
+    if "act_smooth" in weight[0]:  # y = (x / s) W'^T: d y / d x = W' / s
+        w = w / weight[0]["act_smooth"].to(w.dtype)
     return out.detach() + torch.nn.functional.linear(x - x.detach(), w, zero_bias)
 
 

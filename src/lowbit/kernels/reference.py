@@ -62,6 +62,8 @@ def _dynamic_linear(x, tensors, meta, bias):
 
 
 def _static_linear(x, tensors, meta, bias):
+    if "act_smooth" in tensors:
+        x = x / tensors["act_smooth"].to(x.dtype)
     xq = fake_quantize_static(x, meta["activation"], tensors["act_scale"], tensors.get("act_zero_point"))
     return _linear(xq, tensors, meta, bias)
 

@@ -147,16 +147,19 @@ class StaticActivationTensor(DynamicActivationTensor):
     """
 
     tensor_names = ("weight", "act_scale")
-    optional_tensor_names = ("act_zero_point",)
+    optional_tensor_names = ("act_zero_point", "act_smooth")
 
     @classmethod
-    def wrap_static(cls, weight, activation: ActivationQuant, act_scale: torch.Tensor, act_zero_point):
-        """Wrap ``weight`` with a calibrated activation scale (0-d float32) and zero point (0-d or None)."""
+    def wrap_static(cls, weight, activation: ActivationQuant, act_scale: torch.Tensor, act_zero_point,
+                    act_smooth: torch.Tensor | None = None):
+        """Wrap ``weight`` with a calibrated activation scale (0-d float32), zero point (0-d or None) and
+        optional per-input-channel divisors (K,) applied to the activation before it is quantized
+        (SmoothQuant: the weight's columns were multiplied by them)."""
         if activation.granularity != "per_tensor":
             raise ValueError(f"static activations are quantized per tensor; received {activation.granularity!r}")
         weight = with_packing(weight, f"{weight.scheme}_static")
-        return cls(weight=weight, act_scale=act_scale, act_zero_point=act_zero_point, activation=activation,
-                   shape=weight.shape, dtype=weight.dtype)
+        return cls(weight=weight, act_scale=act_scale, act_zero_point=act_zero_point, act_smooth=act_smooth,
+                   activation=activation, shape=weight.shape, dtype=weight.dtype)
 
     @property
     def scheme(self) -> str:
@@ -165,26 +168,35 @@ class StaticActivationTensor(DynamicActivationTensor):
     def kernel_inputs(self) -> tuple[dict, dict]:
         tensors, meta = super().kernel_inputs()
         tensors = {**tensors, "act_scale": self.act_scale}
-        if self.act_zero_point is not None:
-            tensors["act_zero_point"] = self.act_zero_point
+        for name in self.optional_tensor_names:
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         return tensors, meta
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the layer applies to the un-smoothed activation (smoothing folded back out)."""
+        weight = self.weight.dequantize(torch.float32)
+        if self.act_smooth is not None:
+            weight = weight / self.act_smooth
+        return weight.to(dtype or self.dtype)
 
 
 @StaticActivationTensor.implements(aten._to_copy.default)
 def _static_to_copy(func, args, kwargs):
     moved = _to_copy(func, args, kwargs)
     device = moved.weight.device
-    zero = moved.act_zero_point
-    return moved.rebuild(act_scale=moved.act_scale.to(device), act_zero_point=None if zero is None else zero.to(device))
+    extras = {n: getattr(moved, n) for n in ("act_scale",) + moved.optional_tensor_names}
+    return moved.rebuild(**{n: None if t is None else t.to(device) for n, t in extras.items()})
 
 
 @StaticActivationTensor.implements(aten.copy_.default)
 def _static_copy_(func, args, kwargs):
     dst, src = args[0], args[1]
-    if not isinstance(src, StaticActivationTensor) or (src.act_zero_point is None) != (dst.act_zero_point is None):
+    names = ("act_scale",) + StaticActivationTensor.optional_tensor_names
+    if not isinstance(src, StaticActivationTensor) or any((getattr(src, n) is None) != (getattr(dst, n) is None) for n in names):
         raise ValueError(f"cannot copy into a weight with static {dst.activation}: received {type(src).__name__}")
     _copy_(func, args, kwargs)
-    dst.act_scale.copy_(src.act_scale)
-    if dst.act_zero_point is not None:
-        dst.act_zero_point.copy_(src.act_zero_point)
+    for name in names:
+        if getattr(dst, name) is not None:
+            getattr(dst, name).copy_(getattr(src, name))
     return dst
