@@ -36,6 +36,16 @@ CONFIGS = [
     lowbit.Float8WeightOnly(),
     lowbit.Float8DynamicActivation(),
 ]
+STATIC_CONFIGS = [lowbit.StaticInt8(), lowbit.StaticFloat8()]
+
+
+def lowbit_quantize(model, config, calibration):
+    """quantize_ for weight-only/dynamic configs; prepare + calibrate + convert for static ones."""
+    if isinstance(config, tuple(type(c) for c in STATIC_CONFIGS)):
+        lowbit.prepare(model, config)
+        lowbit.calibrate(model, calibration, progress=False)
+        return lowbit.convert(model)
+    return lowbit.quantize_(model, config)
 
 
 def median_ms(fn, budget_s: float = 1.0, min_reps: int = 3, max_reps: int = 50) -> float:
@@ -55,12 +65,12 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.float().norm() / noise))
 
 
-def variants():
+def variants(calibration):
     """(name, make(model) -> model) for fp32, bf16, lowbit configs and installed peers."""
     yield "fp32", lambda m: m
     yield "bf16", lambda m: m.to(torch.bfloat16)
-    for config in CONFIGS:
-        yield f"lowbit {config.label()}", lambda m, c=config: lowbit.quantize_(m, c)
+    for config in CONFIGS + STATIC_CONFIGS:
+        yield f"lowbit {config.label()}", lambda m, c=config: lowbit_quantize(m, c, calibration)
     for name, make in PEERS():
         yield name, make
 
@@ -75,7 +85,7 @@ def bench_linears(quick: bool) -> list[dict]:
         with torch.inference_mode():
             refs = {m: base(x) for m, x in xs.items()}
         fp32_ms = {}
-        for name, make in variants():
+        for name, make in variants([torch.randn(64, in_f) for _ in range(4)]):
             model = make(copy.deepcopy(base))
             for m, x in xs.items():
                 xin = x.to(torch.bfloat16) if name == "bf16" else x
@@ -99,8 +109,11 @@ def bench_minilm(quick: bool) -> list[dict]:
     text = " ".join(stdlib_sentences(40, offset=256))
     batches = {bs: tokenizer([text] * bs, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
                for bs in ([1] if quick else [1, 32])}
+    calibration = stdlib_sentences(128, offset=512)
+    calibration = [dict(tokenizer(calibration[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                   for i in range(0, 128, 16)]
     results, fp32_ms = [], {}
-    for name, make in variants():
+    for name, make in variants(calibration):
         model = make(copy.deepcopy(base))
         cos = (embed(model, tokenizer, sentences) * reference).sum(-1)
         for bs, batch in batches.items():
