@@ -17,7 +17,9 @@ miss raises NotImplementedError naming the op and the class: nothing dequantizes
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -95,8 +97,9 @@ class QuantizedTensor(torch.Tensor):
         return cls(**inner_tensors, **dict(zip(cls.meta_names, meta)), shape=shape, dtype=dtype)
 
     def _stable_hash_for_caching(self) -> str:
-        """Key for torch.compile's AOT autograd cache: class, metadata and inner tensor layouts."""
-        parts = [type(self).__qualname__, repr(self.meta)]
+        """Key for torch.compile's AOT autograd cache: lowbit's code, class, metadata and inner tensor
+        layouts (the code is part of the key because our ops run inside the cached graph)."""
+        parts = [code_fingerprint(), type(self).__qualname__, repr(self.meta)]
         for name, t in self.fields().items():
             inner = t._stable_hash_for_caching() if isinstance(t, QuantizedTensor) else (t.dtype, tuple(t.shape), t.stride(), t.device.type)
             parts.append(f"{name}:{inner}")
@@ -172,6 +175,17 @@ class QuantizedTensor(torch.Tensor):
             return impl(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of lowbit's own source files (Python and C), computed once per process."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".c"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _rebuild(cls, tensors, meta, shape, dtype, extra):
