@@ -174,3 +174,16 @@ def test_int4_is_packed_two_per_byte(weight):
     q = Int4Tensor.from_float(weight, (1, 32))
     assert q.qdata.dtype == torch.uint8 and q.qdata.shape == (48, 64)
     assert q.storage_bytes() < weight.numel() * 4 / 6
+
+
+def test_compile_cache_key_follows_layout_and_code(monkeypatch, weight):
+    import lowbit.tensors.base as base
+
+    q = Int8Tensor.from_float(weight, (1, weight.shape[1]))
+    same = Int8Tensor.from_float(torch.randn_like(weight), (1, weight.shape[1]))
+    grouped = Int8Tensor.from_float(weight, (1, 32))
+    assert q._stable_hash_for_caching() == same._stable_hash_for_caching()  # values are not part of the key
+    assert q._stable_hash_for_caching() != grouped._stable_hash_for_caching()
+    key = q._stable_hash_for_caching()
+    monkeypatch.setattr(base, "code_fingerprint", lambda: "edited lowbit")
+    assert q._stable_hash_for_caching() != key  # a code change must not reuse a cached graph
