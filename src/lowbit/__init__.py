@@ -9,6 +9,7 @@ Example:
 from . import kernels
 from .api import default_filter, quantize_, register_handler
 from .calibration import NotCalibratedError, calibrate, convert, prepare
+from .fuse import fuse
 from .configs import (
     Float8DynamicActivation,
     Float8WeightOnly,
@@ -53,6 +54,7 @@ __all__ = [
     "calibrate",
     "convert",
     "default_filter",
+    "fuse",
     "kernels",
     "prepare",
     "quantize_",
