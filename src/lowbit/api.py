@@ -84,18 +84,43 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
     return model
 
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def conv_block_size(module: nn.Module) -> tuple[int, ...] | None:
+    """One scale per output channel of a conv weight: axis 0 for Conv (C_out, C_in/g, *k); for
+    ConvTranspose (C_in, C_out/g, *k) axis 1 within each group. None for other modules."""
+    shape = tuple(module.weight.shape)
+    if isinstance(module, CONVS):
+        return (1,) + shape[1:]
+    if isinstance(module, CONV_TRANSPOSES):
+        return (shape[0] // module.groups, 1) + shape[2:]
+    return None
+
+
 class WeightHandler:
-    """Weight-only and dynamic configs on the 2-D ``weight`` of nn.Linear, of nn.Embedding (weight-only
-    configs) and of any module a filter_fn selects that uses its weight through ``F.linear``."""
+    """Weight-only, dynamic and static configs on the ``weight`` of nn.Linear, nn.Embedding (weight-only
+    configs), Conv/ConvTranspose (configs with ``supports_conv``) and of any module a filter_fn selects
+    that uses a 2-D weight through ``F.linear``."""
 
     def validate(self, targets, config, module_swap):
         for fqn, module in targets:
             name = f"{fqn}.weight" if fqn else "weight"
             weight = getattr(module, "weight", None)
+            conv = isinstance(module, CONVS + CONV_TRANSPOSES)
             if module_swap and not isinstance(module, nn.Linear):
                 raise ValueError(f"module_swap replaces nn.Linear only; filter_fn selected {fqn!r} of type {type(module).__name__}")
             if isinstance(module, nn.Embedding) and not config.supports_embedding:
                 raise ValueError(f"{type(config).__name__} quantizes linear weights only; filter_fn selected the nn.Embedding {fqn!r}")
+            if conv and (not config.supports_conv or getattr(config, "group_size", None)):
+                raise ValueError(f"{config.label()} does not quantize convolutions (per-channel int8/float8 weight-only and "
+                                 f"static configs do); filter_fn selected {fqn!r} of type {type(module).__name__}")
+            if conv and isinstance(weight, torch.Tensor) and not isinstance(weight, QuantizedTensor):
+                if weight.dtype not in _FLOAT_DTYPES:
+                    raise ValueError(f"{name}: expected a float32/bfloat16/float16 weight; received {weight.dtype}")
+                check_finite(weight.detach(), name)
+                continue
             if not isinstance(weight, torch.Tensor):
                 raise ValueError(
                     f"{type(config).__name__} quantizes the 2-D `weight` of nn.Linear, nn.Embedding or a module using it "
@@ -122,7 +147,7 @@ class WeightHandler:
             key = id(module.weight)
             if key not in done:
                 with torch.no_grad():
-                    qweight = config.quantize_weight(module.weight.detach(), f"{fqn}.weight")
+                    qweight = config.quantize_weight(module.weight.detach(), f"{fqn}.weight", conv_block_size(module))
                 done[key] = nn.Parameter(qweight, requires_grad=False)
             module.weight = done[key]
 

@@ -22,6 +22,7 @@ class QuantConfig:
     """Base of all configs. ``supports_embedding`` says whether nn.Embedding weights may be quantized."""
 
     supports_embedding = False
+    supports_conv = False  # Conv1d/2d/3d and ConvTranspose weights, per output channel
     scheme: str
     kernel: str
     qtype: str  # the weight's qtype name
@@ -49,7 +50,8 @@ class QuantConfig:
         group = getattr(self, "group_size", None)
         return per_group_block(shape, group) if group else per_axis_block(shape, 0)
 
-    def quantize_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+    def quantize_weight(self, weight: torch.Tensor, name: str, block_size=None) -> torch.Tensor:
+        """Quantize one weight; ``block_size`` overrides :meth:`block_size_for` (conv layouts)."""
         raise NotImplementedError
 
 
@@ -77,12 +79,13 @@ class Int8WeightOnly(QuantConfig):
     scheme = "int8"
     qtype = "int8"
     supports_embedding = True
+    supports_conv = True
 
     def __post_init__(self):
         _check_group_size(self)
 
-    def quantize_weight(self, weight, name):
-        block = self.block_size_for(weight.shape)
+    def quantize_weight(self, weight, name, block_size=None):
+        block = block_size or self.block_size_for(weight.shape)
         return with_packing(Int8Tensor.from_float(weight, block, kernel=self.kernel, name=name))
 
 
@@ -103,8 +106,8 @@ class Int4WeightOnly(QuantConfig):
     def __post_init__(self):
         _check_group_size(self, INT4_GROUP_SIZES)
 
-    def quantize_weight(self, weight, name):
-        block = self.block_size_for(weight.shape)
+    def quantize_weight(self, weight, name, block_size=None):
+        block = block_size or self.block_size_for(weight.shape)
         return with_packing(Int4Tensor.from_float(weight, block, symmetric=self.symmetric, kernel=self.kernel, name=name))
 
 
@@ -125,7 +128,7 @@ class Int8DynamicActivation(QuantConfig):
     def __post_init__(self):
         _check_group_size(self)
 
-    def quantize_weight(self, weight, name):
+    def quantize_weight(self, weight, name, block_size=None):
         inner = Int8Tensor.from_float(weight, self.block_size_for(weight.shape), kernel=self.kernel, name=name)
         return DynamicActivationTensor.wrap(inner, ActivationQuant("int8", "per_token", self.act_symmetric))
 
@@ -137,6 +140,7 @@ class Float8WeightOnly(QuantConfig):
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     kernel: str = "auto"
     scheme = "float8"
+    supports_conv = True
 
     @property
     def qtype(self) -> str:
@@ -146,8 +150,8 @@ class Float8WeightOnly(QuantConfig):
     def __post_init__(self):
         float8_qtype(self.float8_dtype)
 
-    def quantize_weight(self, weight, name):
-        block = self.block_size_for(weight.shape)
+    def quantize_weight(self, weight, name, block_size=None):
+        block = block_size or self.block_size_for(weight.shape)
         return with_packing(Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name))
 
 
@@ -172,7 +176,7 @@ class Float8DynamicActivation(QuantConfig):
     def block_size_for(self, shape):
         return per_token_block(shape) if self.granularity == "per_row" else tuple(shape)
 
-    def quantize_weight(self, weight, name):
+    def quantize_weight(self, weight, name, block_size=None):
         per_row = self.granularity == "per_row"
         block = self.block_size_for(weight.shape)
         inner = Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name)
@@ -205,14 +209,15 @@ class StaticInt8(QuantConfig):
     scheme = "int8_static"
     qtype = "int8"
     act_qtype = "int8"
+    supports_conv = True
 
     def __post_init__(self):
         _check_observer(self.observer)
         if self.smoothing is not None and not 0 <= self.smoothing <= 1:
             raise ValueError(f"smoothing must be None or in [0, 1]; received {self.smoothing}")
 
-    def quantize_weight(self, weight, name):
-        return Int8Tensor.from_float(weight, self.block_size_for(weight.shape), kernel=self.kernel, name=name)
+    def quantize_weight(self, weight, name, block_size=None):
+        return Int8Tensor.from_float(weight, block_size or self.block_size_for(weight.shape), kernel=self.kernel, name=name)
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,7 @@ class StaticFloat8(QuantConfig):
     kernel: str = "auto"
     scheme = "float8_static"
     smoothing = None
+    supports_conv = True
     act_symmetric = True
 
     def __post_init__(self):
@@ -236,8 +242,8 @@ class StaticFloat8(QuantConfig):
 
     act_qtype = qtype
 
-    def quantize_weight(self, weight, name):
-        block = self.block_size_for(weight.shape)
+    def quantize_weight(self, weight, name, block_size=None):
+        block = block_size or self.block_size_for(weight.shape)
         return Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name)
 
 

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..api import FilterFn, WeightHandler, _set_submodule, default_filter
+from ..api import FilterFn, WeightHandler, _set_submodule, conv_block_size, default_filter
 from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
@@ -26,7 +26,8 @@ CHANNEL_OBSERVER_ATTR = "lowbit_channel_observer"
 
 
 def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> nn.Module:
-    """Attach an activation observer to the input of every selected layer (in place).
+    """Attach an activation observer to the input of every selected layer (in place): nn.Linear by
+    default; pass a filter_fn to include Conv/ConvTranspose layers.
 
     Example:
         >>> import lowbit
@@ -47,7 +48,7 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     WeightHandler().validate(targets, config, module_swap=False)
     for _, module in targets:
         module.add_module(OBSERVER_ATTR, OBSERVERS[config.observer](config.act_qtype, config.act_symmetric))
-        if config.smoothing is not None:
+        if config.smoothing is not None and isinstance(module, nn.Linear):  # smoothing: linear layers only
             module.add_module(CHANNEL_OBSERVER_ATTR, PerChannelMinMaxObserver(config.act_qtype, axis=-1))
         module._lowbit_static = (config, module.register_forward_pre_hook(_observe_input))
     return model
@@ -118,6 +119,8 @@ def calibrate(model: nn.Module, data: Iterable, max_batches: int | None = None, 
 
 def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
     """Freeze observed activation scales and quantize the weights of every prepared layer (in place).
+    With ``module_swap`` the linear layers become :class:`~lowbit.QuantizedLinear` (convolutions keep
+    their quantized weight).
 
     Raises:
         NotCalibratedError: a layer's observer saw no data; nothing is changed.
@@ -134,14 +137,14 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
         config = module._lowbit_static[0]
         check_finite(module.weight.detach(), f"{fqn}.weight")
         observer, smooth, weight = getattr(module, OBSERVER_ATTR), None, module.weight.detach()
-        if config.smoothing is not None:
+        if hasattr(module, CHANNEL_OBSERVER_ATTR):
             smooth, weight, (lo, hi) = _smoothing(module, config)
             observer = MinMaxObserver(config.act_qtype, config.act_symmetric)
             observer.update(lo, hi)
         scale, zero_point = observer.calculate_qparams()
         activation = ActivationQuant(config.act_qtype, "per_tensor", config.act_symmetric)
         with torch.no_grad():
-            qweight = config.quantize_weight(weight, f"{fqn}.weight")
+            qweight = config.quantize_weight(weight, f"{fqn}.weight", conv_block_size(module))
         planned.append((fqn, module, StaticActivationTensor.wrap_static(qweight, activation, scale.float(), zero_point, smooth)))
     for fqn, module, qweight in planned:
         module._lowbit_static[1].remove()
@@ -149,7 +152,7 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
         delattr(module, OBSERVER_ATTR)
         if hasattr(module, CHANNEL_OBSERVER_ATTR):
             delattr(module, CHANNEL_OBSERVER_ATTR)
-        if module_swap:
+        if module_swap and isinstance(module, nn.Linear):
             _set_submodule(model, fqn, QuantizedLinear.from_quantized_weight(module, qweight))
         else:
             module.weight = nn.Parameter(qweight, requires_grad=False)

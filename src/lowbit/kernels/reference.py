@@ -83,6 +83,20 @@ def _embedding(indices, tensors, meta, bias):
     return dequantize_weight(rows, row_meta, meta["dtype"])
 
 
+def _conv(x, tensors, meta, bias):
+    func, args, kwargs = meta["conv"]
+    return func(x, dequantize_weight(tensors, meta, x.dtype), bias, *args, **kwargs)
+
+
+def _static_conv(x, tensors, meta, bias):
+    xq = fake_quantize_static(x, meta["activation"], tensors["act_scale"], tensors.get("act_zero_point"))
+    return _conv(xq, tensors, meta, bias)
+
+
+for _scheme in ("int8", "float8"):
+    register_kernel("conv", _scheme, "reference", priority=-100)(_conv)
+for _scheme in STATIC_SCHEMES:
+    register_kernel("conv", _scheme, "reference", priority=-100)(_static_conv)
 for _scheme in WEIGHT_SCHEMES:
     register_kernel("linear", _scheme, "reference", priority=-100)(_linear)
     register_kernel("bmm", _scheme, "reference", priority=-100)(_bmm)

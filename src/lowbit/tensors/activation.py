@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..primitives.qtypes import get_qtype
 from .base import QuantizedTensor, return_view
-from .blockwise import BlockQuantizedTensor, run_kernel, with_packing
+from .blockwise import CONV_FUNCTIONS, BlockQuantizedTensor, conv_impl, run_kernel, with_packing
 
 aten = torch.ops.aten
 
@@ -200,3 +200,7 @@ def _static_copy_(func, args, kwargs):
         if getattr(dst, name) is not None:
             getattr(dst, name).copy_(getattr(src, name))
     return dst
+
+
+for _func in CONV_FUNCTIONS:  # static activations: per-tensor scales apply to convolutions as well
+    StaticActivationTensor.implements_function(_func)(conv_impl(_func))

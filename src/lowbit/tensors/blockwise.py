@@ -274,3 +274,28 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sc
     if weight.dim() != 2:
         raise NotImplementedError(f"quantized embedding needs a 2-D weight; received {weight!r}")
     return run_kernel("embedding", weight, input, preference="auto")
+
+
+CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+def run_conv(func, input, weight, bias, args, kwargs):
+    """A convolution with a quantized weight through the registry's ``conv`` kernel."""
+    if isinstance(input, QuantizedTensor):
+        raise NotImplementedError(f"{func.__name__} supports a plain input and a quantized weight")
+    tensors, meta = weight.kernel_inputs()
+    kernel = select_kernel("conv", weight.scheme, input.device.type, "auto", layout(meta))
+    return kernel.fn(input, tensors, {**meta, "conv": (func, tuple(args), dict(kwargs))}, bias)
+
+
+def conv_impl(func):
+    """``func(input, weight, bias, *args, **kwargs)`` routed to :func:`run_conv`."""
+
+    def impl(input, weight, bias=None, *args, **kwargs):
+        return run_conv(func, input, weight, bias, args, kwargs)
+
+    return impl
+
+
+for _func in CONV_FUNCTIONS:
+    BlockQuantizedTensor.implements_function(_func)(conv_impl(_func))
