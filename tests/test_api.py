@@ -76,10 +76,12 @@ def test_nonfinite_weight_is_named_and_model_unchanged():
 
 
 def test_unsupported_layer_selected_by_filter():
-    model = nn.Sequential(nn.Linear(16, 16), nn.Conv2d(3, 4, 3))
+    model = nn.Sequential(nn.Linear(64, 16), nn.Conv2d(3, 4, 3), nn.LayerNorm(4))
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"1.weight: expected a 2-D float32/bfloat16/float16 weight; received torch.float32 of shape \(4, 3, 3, 3\)"):
-        lowbit.quantize_(model, lowbit.Int8WeightOnly(), filter_fn=lambda m, n: isinstance(m, (nn.Linear, nn.Conv2d)))
+    with pytest.raises(ValueError, match="does not quantize convolutions.*'1' of type Conv2d"):
+        lowbit.quantize_(model, lowbit.Int4WeightOnly(group_size=32), filter_fn=lambda m, n: isinstance(m, (nn.Linear, nn.Conv2d)))
+    with pytest.raises(ValueError, match=r"2.weight: expected a 2-D float32/bfloat16/float16 weight; received torch.float32 of shape \(4,\)"):
+        lowbit.quantize_(model, lowbit.Int8WeightOnly(), filter_fn=lambda m, n: isinstance(m, (nn.Linear, nn.LayerNorm)))
     _assert_unchanged(model, before)
 
 
