@@ -41,7 +41,7 @@ STATIC_CONFIGS = [lowbit.StaticInt8(), lowbit.StaticFloat8()]
 
 def lowbit_quantize(model, config, calibration):
     """quantize_ for weight-only/dynamic configs; prepare + calibrate + convert for static ones."""
-    if isinstance(config, tuple(type(c) for c in STATIC_CONFIGS)):
+    if isinstance(config, lowbit.configs.STATIC_CONFIGS):
         lowbit.prepare(model, config)
         lowbit.calibrate(model, calibration, progress=False)
         return lowbit.convert(model)

@@ -142,7 +142,7 @@ class WeightHandler:
         done: dict[int, nn.Parameter] = {}  # tied weights are quantized once and stay tied
         for fqn, module in targets:
             if module_swap:
-                _set_submodule(model, fqn, QuantizedLinear.from_float(module, config))
+                set_submodule(model, fqn, QuantizedLinear.from_float(module, config))
                 continue
             key = id(module.weight)
             if key not in done:
@@ -152,7 +152,7 @@ class WeightHandler:
             module.weight = done[key]
 
 
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     if not fqn:
         raise ValueError("module_swap cannot replace the root module itself; wrap it in a container")
     parent, _, name = fqn.rpartition(".")

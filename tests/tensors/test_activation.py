@@ -51,6 +51,7 @@ def test_ops_delegate_to_the_weight(device):
     assert torch.equal(q[:16].dequantize(), q.dequantize()[:16])
     assert [p.shape[0] for p in q.split(16)] == [16, 16]
     assert q.to(torch.bfloat16).dtype == torch.bfloat16 and q.to(torch.bfloat16).weight.dtype == torch.bfloat16
+    assert (q.weight.packed_aux is None) == (q.to(torch.bfloat16).weight.packed_aux is None)  # a dtype move keeps packing
     assert torch.equal(copy.deepcopy(q).dequantize(), q.dequantize())
     x = torch.randn(4, 64, device=device)
     torch.testing.assert_close(torch.mm(x, q.t()), F.linear(x, q))

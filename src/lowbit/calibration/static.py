@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..api import FilterFn, WeightHandler, _set_submodule, conv_block_size, default_filter
+from ..api import FilterFn, WeightHandler, set_submodule, conv_block_size, default_filter
 from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
@@ -153,7 +153,7 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
         if hasattr(module, CHANNEL_OBSERVER_ATTR):
             delattr(module, CHANNEL_OBSERVER_ATTR)
         if module_swap and isinstance(module, nn.Linear):
-            _set_submodule(model, fqn, QuantizedLinear.from_quantized_weight(module, qweight))
+            set_submodule(model, fqn, QuantizedLinear.from_quantized_weight(module, qweight))
         else:
             module.weight = nn.Parameter(qweight, requires_grad=False)
     return model

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..primitives.packing import unpack_int4
 from . import native
-from .cpu import _straight_through, colsum, int8_dynamic_int_mm, weight_colsum
+from .cpu import _straight_through, colsum, finish, int8_dynamic_int_mm, weight_colsum
 from .reference import fake_quantize_activation
 from .registry import register_kernel
 
@@ -100,15 +100,6 @@ def _(x, packed, scale, zero_point, group_size):
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
-def _finish(out, x, scale, bias):
-    """Apply the per-row (or per-tensor) weight scale and bias in float32; restore x's shape and dtype."""
-    if scale is not None:
-        out = out * scale.reshape(1, -1).float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
 def _rows(x) -> int:
     return x.numel() // x.shape[-1]
 
@@ -192,7 +183,7 @@ def _int8_args(x, tensors, bias):
 def int8_weight_avx512(x, tensors, meta, bias):
     """Weight-only int8 through VNNI/oneDNN integer GEMMs on a 16-bit activation split."""
     out = int8_weight_linear(*_int8_args(x, tensors, bias))
-    return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
+    return _straight_through(finish(out, x, None, None), x, bias, (tensors, meta))
 
 
 @register_kernel("linear", "int8_dynamic", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
@@ -203,7 +194,7 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
     if act.granularity != "per_token":
         return int8_dynamic_int_mm(x, tensors, meta, bias)
     out = int8_activation_linear(*_int8_args(x, tensors, bias), act.symmetric)
-    return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
+    return _straight_through(finish(out, x, None, None), x, bias, (tensors, meta))
 
 
 @torch.library.custom_op("lowbit::float8_rows", mutates_args=())
@@ -232,7 +223,7 @@ def _float8_linear(x, tensors, bias, row_scale=None):
         out = fp8_decoded_linear(x2d, tensors["qdata"].view(torch.uint8)) * tensors["scale"].reshape(1, -1).float()
     if row_scale is not None:
         out = out * row_scale
-    return _finish(out, x, None, bias)
+    return finish(out, x, None, bias)
 
 
 @register_kernel("linear", "float8", "avx512", devices=("cpu",), priority=20, granularities=("per_row", "per_tensor"),
@@ -263,7 +254,7 @@ def int8_static_avx512(x, tensors, meta, bias):
     xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
     out = int8_activation_linear(*_int8_args(xs, tensors, bias), meta["activation"].symmetric, tensors["act_scale"],
                                  tensors.get("act_zero_point"))
-    return _straight_through(_finish(out, x, None, None), x, bias, (tensors, meta))
+    return _straight_through(finish(out, x, None, None), x, bias, (tensors, meta))
 
 
 @register_kernel("linear", "float8_static", "avx512", devices=("cpu",), priority=20,
@@ -323,4 +314,4 @@ def int4_weight_avx512(x, tensors, meta, bias):
         out = int4_gemv(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), row_terms, group)
     else:
         out = int4_decoded_linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), group)
-    return _straight_through(_finish(out, x, None, bias), x, bias, (tensors, meta))
+    return _straight_through(finish(out, x, None, bias), x, bias, (tensors, meta))

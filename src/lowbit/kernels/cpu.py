@@ -45,11 +45,13 @@ def colsum(tensors) -> torch.Tensor:
     return packed if packed is not None else weight_colsum(tensors, None)["packed_aux"]
 
 
-def _finish(acc: torch.Tensor, row_scale: torch.Tensor, w_scale: torch.Tensor, bias, shape, dtype) -> torch.Tensor:
-    out = acc * (row_scale * w_scale.reshape(1, -1))  # (M, N)
+def finish(out: torch.Tensor, x: torch.Tensor, scale=None, bias=None) -> torch.Tensor:
+    """(M, N) float32 -> x's leading shape and dtype, after a per-column weight scale and the bias."""
+    if scale is not None:
+        out = out * scale.reshape(1, -1).float()
     if bias is not None:
         out = out + bias.float()
-    return out.reshape(*shape[:-1], -1).to(dtype)
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def _straight_through(out: torch.Tensor, x: torch.Tensor, bias, weight) -> torch.Tensor:
@@ -73,7 +75,7 @@ def int8_dynamic_int_mm(x, tensors, meta, bias):
     acc = torch._int_mm(q, tensors["qdata"].t()).float()  # (M, N) exact int32 sums
     if x_zero is not None:
         acc = acc - x_zero * colsum(tensors)
-    out = _finish(acc, x_scale.float(), tensors["scale"].float(), bias, x.shape, x.dtype)
+    out = finish(acc * x_scale.float(), x, tensors["scale"], bias)
     return _straight_through(out, x, bias, (tensors, meta))
 
 
@@ -101,5 +103,5 @@ def int8_weight_int_mm16(x, tensors, meta, bias):
     scale, hi, lo = split_activation_16bit(x.reshape(-1, x.shape[-1]))
     w_t = tensors["qdata"].t()
     acc = torch._int_mm(hi.to(torch.int8), w_t).float() * 256 + torch._int_mm(lo.to(torch.int8), w_t).float()
-    out = _finish(acc, scale, tensors["scale"].float(), bias, x.shape, x.dtype)
+    out = finish(acc * scale, x, tensors["scale"], bias)
     return _straight_through(out, x, bias, (tensors, meta))

@@ -71,7 +71,7 @@ def layout(meta) -> str:
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
-_CHOSEN: dict[tuple[str, str, str, str], Kernel] = {}
+_CHOSEN: dict[tuple[str, str, str, str, str], Kernel] = {}
 
 
 def register_kernel(

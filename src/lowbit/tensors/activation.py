@@ -97,10 +97,11 @@ def _clone(func, args, kwargs):
 @DynamicActivationTensor.implements(aten._to_copy.default)
 def _to_copy(func, args, kwargs):
     self = args[0]
-    moved = func(self.weight, *args[1:], **kwargs)
-    if moved.device != self.device:
-        moved = with_packing(moved, self.scheme)  # packed for this scheme's kernel on the new device
-    return self.with_weight(moved)
+    device = kwargs.get("device")
+    if device is None or torch.device(device) == self.device:
+        return self.with_weight(func(self.weight, *args[1:], **kwargs))
+    moved = func(self.weight.canonical(), *args[1:], **kwargs)
+    return self.with_weight(with_packing(moved, self.scheme))  # packed once, for this scheme's kernel there
 
 
 @DynamicActivationTensor.implements([aten.split.Tensor, aten.split_with_sizes.default])

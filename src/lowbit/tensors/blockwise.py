@@ -48,11 +48,12 @@ class BlockQuantizedTensor(QuantizedTensor):
         return sum(t.numel() * t.element_size() for t in self.fields().values())
 
 
-def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, preference: str | None = None):
-    """Call the kernel chosen for ``weight`` on ``x``'s device through the registry."""
+def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, preference: str | None = None, **call_meta):
+    """Call the kernel chosen for ``weight`` on ``x``'s device through the registry; ``call_meta``
+    (e.g. a convolution's arguments) is added to the metadata the kernel receives."""
     tensors, meta = weight.kernel_inputs()
     kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel, layout(meta))
-    return kernel.fn(x, tensors, meta, bias)
+    return kernel.fn(x, tensors, {**meta, **call_meta} if call_meta else meta, bias)
 
 
 def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> BlockQuantizedTensor:
@@ -283,9 +284,7 @@ def run_conv(func, input, weight, bias, args, kwargs):
     """A convolution with a quantized weight through the registry's ``conv`` kernel."""
     if isinstance(input, QuantizedTensor):
         raise NotImplementedError(f"{func.__name__} supports a plain input and a quantized weight")
-    tensors, meta = weight.kernel_inputs()
-    kernel = select_kernel("conv", weight.scheme, input.device.type, "auto", layout(meta))
-    return kernel.fn(input, tensors, {**meta, "conv": (func, tuple(args), dict(kwargs))}, bias)
+    return run_kernel("conv", weight, input, bias, "auto", conv=(func, tuple(args), dict(kwargs)))
 
 
 def conv_impl(func):
