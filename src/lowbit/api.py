@@ -88,15 +88,16 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def conv_block_size(module: nn.Module) -> tuple[int, ...] | None:
-    """One scale per output channel of a conv weight: axis 0 for Conv (C_out, C_in/g, *k); for
-    ConvTranspose (C_in, C_out/g, *k) axis 1 within each group. None for other modules."""
+def conv_layout(module: nn.Module) -> dict:
+    """``quantize_weight`` arguments for a conv weight: one scale per output channel (axis 0 for Conv
+    (C_out, C_in/g, *k); axis 1 within each group for ConvTranspose (C_in, C_out/g, *k)) and the
+    conv's groups. Empty for other modules."""
     shape = tuple(module.weight.shape)
     if isinstance(module, CONVS):
-        return (1,) + shape[1:]
+        return {"block_size": (1,) + shape[1:], "groups": module.groups}
     if isinstance(module, CONV_TRANSPOSES):
-        return (shape[0] // module.groups, 1) + shape[2:]
-    return None
+        return {"block_size": (shape[0] // module.groups, 1) + shape[2:], "groups": module.groups}
+    return {}
 
 
 class WeightHandler:
@@ -142,14 +143,17 @@ class WeightHandler:
         done: dict[int, nn.Parameter] = {}  # tied weights are quantized once and stay tied
         for fqn, module in targets:
             if module_swap:
-                set_submodule(model, fqn, QuantizedLinear.from_float(module, config))
+                swapped = QuantizedLinear.from_float(module, config)
+                swapped.lowbit_config = config.label()  # the label lowbit.save records
+                set_submodule(model, fqn, swapped)
                 continue
             key = id(module.weight)
             if key not in done:
                 with torch.no_grad():
-                    qweight = config.quantize_weight(module.weight.detach(), f"{fqn}.weight", conv_block_size(module))
+                    qweight = config.quantize_weight(module.weight.detach(), f"{fqn}.weight", **conv_layout(module))
                 done[key] = nn.Parameter(qweight, requires_grad=False)
             module.weight = done[key]
+            module.lowbit_config = config.label()
 
 
 def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:

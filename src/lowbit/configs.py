@@ -50,8 +50,9 @@ class QuantConfig:
         group = getattr(self, "group_size", None)
         return per_group_block(shape, group) if group else per_axis_block(shape, 0)
 
-    def quantize_weight(self, weight: torch.Tensor, name: str, block_size=None) -> torch.Tensor:
-        """Quantize one weight; ``block_size`` overrides :meth:`block_size_for` (conv layouts)."""
+    def quantize_weight(self, weight: torch.Tensor, name: str, block_size=None, groups=None) -> torch.Tensor:
+        """Quantize one weight; a convolution's weight comes with its ``block_size`` (overriding
+        :meth:`block_size_for`) and ``groups``."""
         raise NotImplementedError
 
 
@@ -84,9 +85,9 @@ class Int8WeightOnly(QuantConfig):
     def __post_init__(self):
         _check_group_size(self)
 
-    def quantize_weight(self, weight, name, block_size=None):
+    def quantize_weight(self, weight, name, block_size=None, groups=None):
         block = block_size or self.block_size_for(weight.shape)
-        return with_packing(Int8Tensor.from_float(weight, block, kernel=self.kernel, name=name))
+        return with_packing(Int8Tensor.from_float(weight, block, kernel=self.kernel, name=name, groups=groups))
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Int4WeightOnly(QuantConfig):
     def __post_init__(self):
         _check_group_size(self, INT4_GROUP_SIZES)
 
-    def quantize_weight(self, weight, name, block_size=None):
+    def quantize_weight(self, weight, name, block_size=None, groups=None):
         block = block_size or self.block_size_for(weight.shape)
         return with_packing(Int4Tensor.from_float(weight, block, symmetric=self.symmetric, kernel=self.kernel, name=name))
 
@@ -128,7 +129,7 @@ class Int8DynamicActivation(QuantConfig):
     def __post_init__(self):
         _check_group_size(self)
 
-    def quantize_weight(self, weight, name, block_size=None):
+    def quantize_weight(self, weight, name, block_size=None, groups=None):
         inner = Int8Tensor.from_float(weight, self.block_size_for(weight.shape), kernel=self.kernel, name=name)
         return DynamicActivationTensor.wrap(inner, ActivationQuant("int8", "per_token", self.act_symmetric))
 
@@ -150,9 +151,9 @@ class Float8WeightOnly(QuantConfig):
     def __post_init__(self):
         float8_qtype(self.float8_dtype)
 
-    def quantize_weight(self, weight, name, block_size=None):
+    def quantize_weight(self, weight, name, block_size=None, groups=None):
         block = block_size or self.block_size_for(weight.shape)
-        return with_packing(Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name))
+        return with_packing(Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name, groups=groups))
 
 
 @dataclass(frozen=True)
@@ -176,10 +177,10 @@ class Float8DynamicActivation(QuantConfig):
     def block_size_for(self, shape):
         return per_token_block(shape) if self.granularity == "per_row" else tuple(shape)
 
-    def quantize_weight(self, weight, name, block_size=None):
+    def quantize_weight(self, weight, name, block_size=None, groups=None):
         per_row = self.granularity == "per_row"
         block = self.block_size_for(weight.shape)
-        inner = Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name)
+        inner = Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name, groups=groups)
         act = ActivationQuant(float8_qtype(self.float8_dtype).name, "per_token" if per_row else "per_tensor", True)
         return DynamicActivationTensor.wrap(inner, act)
 
@@ -216,8 +217,8 @@ class StaticInt8(QuantConfig):
         if self.smoothing is not None and not 0 <= self.smoothing <= 1:
             raise ValueError(f"smoothing must be None or in [0, 1]; received {self.smoothing}")
 
-    def quantize_weight(self, weight, name, block_size=None):
-        return Int8Tensor.from_float(weight, block_size or self.block_size_for(weight.shape), kernel=self.kernel, name=name)
+    def quantize_weight(self, weight, name, block_size=None, groups=None):
+        return Int8Tensor.from_float(weight, block_size or self.block_size_for(weight.shape), kernel=self.kernel, name=name, groups=groups)
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,9 @@ class StaticFloat8(QuantConfig):
 
     act_qtype = qtype
 
-    def quantize_weight(self, weight, name, block_size=None):
+    def quantize_weight(self, weight, name, block_size=None, groups=None):
         block = block_size or self.block_size_for(weight.shape)
-        return Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name)
+        return Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name, groups=groups)
 
 
 OBSERVER_NAMES = ("minmax", "moving_average", "histogram", "percentile")
@@ -254,3 +255,32 @@ STATIC_CONFIGS = (StaticInt8, StaticFloat8)
 def _check_observer(name: str) -> None:
     if name not in OBSERVER_NAMES:
         raise ValueError(f"observer must be one of {OBSERVER_NAMES}; received {name!r}")
+
+
+NAMED_CONFIGS: dict[str, type[QuantConfig]] = {
+    "int8-weight-only": Int8WeightOnly,
+    "int4-weight-only": Int4WeightOnly,
+    "int8-dynamic": Int8DynamicActivation,
+    "float8-weight-only": Float8WeightOnly,
+    "float8-dynamic": Float8DynamicActivation,
+    "static-int8": StaticInt8,
+    "static-float8": StaticFloat8,
+}
+
+
+def config_from_name(name: str, group_size: int | None = None) -> QuantConfig:
+    """The config called ``name`` in :data:`NAMED_CONFIGS`, with its defaults and an optional ``group_size``.
+
+    Example:
+        >>> config_from_name("int4-weight-only", group_size=32)
+        Int4WeightOnly(group_size=32, symmetric=False, kernel='auto')
+    """
+    config_type = NAMED_CONFIGS.get(name)
+    if config_type is None:
+        raise ValueError(f"unknown config name {name!r}; expected one of {', '.join(NAMED_CONFIGS)}")
+    if group_size is None:
+        return config_type()
+    if "group_size" not in {f.name for f in fields(config_type)}:
+        takes = ", ".join(n for n, t in NAMED_CONFIGS.items() if "group_size" in {f.name for f in fields(t)})
+        raise ValueError(f"{name} has no group size (configs with one: {takes}); received group_size={group_size}")
+    return config_type(group_size=group_size)

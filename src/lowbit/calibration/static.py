@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..api import FilterFn, WeightHandler, set_submodule, conv_block_size, default_filter
+from ..api import FilterFn, WeightHandler, set_submodule, conv_layout, default_filter
 from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
@@ -144,16 +144,19 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
         scale, zero_point = observer.calculate_qparams()
         activation = ActivationQuant(config.act_qtype, "per_tensor", config.act_symmetric)
         with torch.no_grad():
-            qweight = config.quantize_weight(weight, f"{fqn}.weight", conv_block_size(module))
+            qweight = config.quantize_weight(weight, f"{fqn}.weight", **conv_layout(module))
         planned.append((fqn, module, StaticActivationTensor.wrap_static(qweight, activation, scale.float(), zero_point, smooth)))
     for fqn, module, qweight in planned:
+        label = module._lowbit_static[0].label()  # recorded by lowbit.save
         module._lowbit_static[1].remove()
         del module._lowbit_static
         delattr(module, OBSERVER_ATTR)
         if hasattr(module, CHANNEL_OBSERVER_ATTR):
             delattr(module, CHANNEL_OBSERVER_ATTR)
         if module_swap and isinstance(module, nn.Linear):
-            set_submodule(model, fqn, QuantizedLinear.from_quantized_weight(module, qweight))
+            module = QuantizedLinear.from_quantized_weight(module, qweight)
+            set_submodule(model, fqn, module)
         else:
             module.weight = nn.Parameter(qweight, requires_grad=False)
+        module.lowbit_config = label
     return model

@@ -59,10 +59,13 @@ class Kernel:
 
 
 def layout(meta) -> str:
-    """``"granularity/qtype"`` of a weight; granularity is per_tensor, per_row, per_group or other."""
+    """``"granularity/qtype"`` of a weight; granularity is per_tensor, per_row, per_group, per_channel
+    (one scale per output channel of a conv weight with dims > 2) or other."""
     shape, block = tuple(meta["shape"]), tuple(meta["block_size"])
     if block == shape:
         granularity = "per_tensor"
+    elif len(shape) > 2 and block[0] == 1 and block[1:] == shape[1:]:
+        granularity = "per_channel"
     elif all(b == 1 for b in block[:-1]):
         granularity = "per_row" if block[-1] == shape[-1] else "per_group"
     else:

@@ -34,6 +34,7 @@ class QuantizedTensor(torch.Tensor):
     tensor_names: ClassVar[tuple[str, ...]] = ()
     optional_tensor_names: ClassVar[tuple[str, ...]] = ()
     meta_names: ClassVar[tuple[str, ...]] = ()
+    optional_meta_names: ClassVar[tuple[str, ...]] = ()  # a subset of meta_names that defaults to None
     _aten_table: ClassVar[dict]
     _function_table: ClassVar[dict]
 
@@ -52,7 +53,7 @@ class QuantizedTensor(torch.Tensor):
     def __init__(self, *, shape, dtype, **fields):
         expected = set(self.tensor_names) | set(self.optional_tensor_names) | set(self.meta_names)
         unknown = set(fields) - expected
-        missing = (set(self.tensor_names) | set(self.meta_names)) - set(fields)
+        missing = (set(self.tensor_names) | set(self.meta_names)) - set(self.optional_meta_names) - set(fields)
         if unknown or missing:
             raise TypeError(f"{type(self).__name__} got unknown fields {sorted(unknown)}, missing {sorted(missing)}")
         if dtype not in _FLOAT_DTYPES:
@@ -109,20 +110,25 @@ class QuantizedTensor(torch.Tensor):
         meta = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.meta_names)
         return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, {meta})"
 
-    def __deepcopy__(self, memo):
-        new = self.map_tensors(lambda t: copy.deepcopy(t, memo))
+    def copied(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QuantizedTensor":
+        """A copy with ``fn`` applied to the inner tensors (subclasses holding opaque kernel layouts
+        override this to copy their canonical tensors and pack again)."""
+        return self.map_tensors(fn)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Attributes beyond the declared ones, e.g. nn.Parameter's ``_is_param`` flag."""
         names = set(self.tensor_names + self.optional_tensor_names + self.meta_names)
-        for key, value in self.__dict__.items():  # e.g. nn.Parameter's _is_param flag
-            if key not in names:
-                setattr(new, key, copy.deepcopy(value, memo))
+        return {k: v for k, v in self.__dict__.items() if k not in names}
+
+    def __deepcopy__(self, memo):
+        new = self.copied(lambda t: copy.deepcopy(t, memo))
+        new.__dict__.update(copy.deepcopy(self.extra_state(), memo))
         memo[id(self)] = new
         return new
 
     def __reduce_ex__(self, protocol):
         meta = {n: getattr(self, n) for n in self.meta_names}
-        names = set(self.tensor_names + self.optional_tensor_names + self.meta_names)
-        extra = {k: v for k, v in self.__dict__.items() if k not in names}
-        return _rebuild, (type(self), self.fields(), meta, tuple(self.shape), self.dtype, extra)
+        return _rebuild, (type(self), self.fields(), meta, tuple(self.shape), self.dtype, self.extra_state())
 
     # -- op tables ---------------------------------------------------------------------------
     @classmethod

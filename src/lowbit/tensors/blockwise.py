@@ -27,7 +27,8 @@ class BlockQuantizedTensor(QuantizedTensor):
 
     tensor_names = ("qdata", "scale")
     optional_tensor_names = ("zero_point",) + PACKED_NAMES
-    meta_names = ("qtype", "block_size", "packed_dim", "kernel")
+    meta_names = ("qtype", "block_size", "packed_dim", "kernel", "groups", "packed_for")
+    optional_meta_names = ("groups", "packed_for")  # a conv weight's groups; the scheme packed fields serve
     scheme: ClassVar[str] = "block"
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -37,7 +38,19 @@ class BlockQuantizedTensor(QuantizedTensor):
         """The same tensor without kernel-packed fields (what views and files carry)."""
         if all(getattr(self, n) is None for n in PACKED_NAMES):
             return self
-        return self.rebuild(**{n: None for n in PACKED_NAMES})
+        return self.rebuild(**{n: None for n in PACKED_NAMES}, packed_for=None)
+
+    def copied(self, fn) -> "BlockQuantizedTensor":
+        """``fn`` applied to the canonical inner tensors, then packed again for the same kernel (kernel
+        layouts such as oneDNN's opaque weights cannot be copied, moved or pickled themselves)."""
+        if self.packed_for is None:
+            return self.map_tensors(fn)
+        return with_packing(self.canonical().map_tensors(fn), self.packed_for)
+
+    def __reduce_ex__(self, protocol):
+        if self.packed_for is None:
+            return super().__reduce_ex__(protocol)
+        return _unpickle_packed, (self.canonical(), self.packed_for, self.extra_state())
 
     def kernel_inputs(self) -> tuple[dict, dict]:
         """Plain tensors and metadata handed to kernels."""
@@ -52,8 +65,16 @@ def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, pre
     """Call the kernel chosen for ``weight`` on ``x``'s device through the registry; ``call_meta``
     (e.g. a convolution's arguments) is added to the metadata the kernel receives."""
     tensors, meta = weight.kernel_inputs()
-    kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel, layout(meta))
+    kernel = select_kernel(op, weight.scheme, x.device.type, preference or _preference(op, weight), layout(meta))
     return kernel.fn(x, tensors, {**meta, **call_meta} if call_meta else meta, bias)
+
+
+def _preference(op: str, weight: QuantizedTensor) -> str:
+    """The weight's kernel preference for ``op``: kernel names are linear kernels' names, so
+    convolutions follow only ``"reference"`` and otherwise pick their fastest kernel."""
+    if op == "conv" and weight.kernel != "reference":
+        return "auto"
+    return weight.kernel
 
 
 def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> BlockQuantizedTensor:
@@ -62,11 +83,18 @@ def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> Blo
     ``scheme`` overrides the weight's own (a dynamic-activation wrapper packs its inner weight
     for its own kernel).
     """
-    canonical = weight.canonical()
-    kernel = select_kernel("linear", scheme or weight.scheme, weight.device.type, weight.kernel, layout(weight.meta))
+    canonical, scheme = weight.canonical(), scheme or weight.scheme
+    op = "linear" if weight.groups is None else "conv"
+    kernel = select_kernel(op, scheme, weight.device.type, _preference(op, weight), layout(weight.meta))
     if kernel.pack is None:
         return canonical
-    return canonical.rebuild(**kernel.pack(canonical.fields(), canonical.meta))
+    return canonical.rebuild(**kernel.pack(canonical.fields(), canonical.meta), packed_for=scheme)
+
+
+def _unpickle_packed(canonical: BlockQuantizedTensor, scheme: str, extra: dict) -> BlockQuantizedTensor:
+    new = with_packing(canonical, scheme)
+    new.__dict__.update(extra)
+    return new
 
 
 def _dim(t: torch.Tensor, dim: int) -> int:
@@ -92,8 +120,7 @@ def _to_copy(func, args, kwargs):
     device = kwargs.get("device")
     if device is None or torch.device(device) == self.device:
         return self.map_tensors(torch.clone, dtype=dtype)
-    moved = self.canonical().map_tensors(lambda t: t.to(device), dtype=dtype)
-    return moved if self.packed is None and self.packed_aux is None else with_packing(moved)
+    return self.rebuild(dtype=dtype).copied(lambda t: t.to(device))
 
 
 @BlockQuantizedTensor.implements(aten.copy_.default)
@@ -111,7 +138,7 @@ def _copy_(func, args, kwargs):
         t.copy_(getattr(src, name))
     wanted = [n for n in PACKED_NAMES if getattr(dst, n) is not None]
     if any(getattr(src, n) is None for n in wanted):  # a canonical source: pack it for dst's kernel
-        src = with_packing(dst)
+        src = with_packing(dst, dst.packed_for)
     for name in wanted:
         if getattr(src, name) is not None:
             getattr(dst, name).copy_(getattr(src, name))
@@ -284,7 +311,7 @@ def run_conv(func, input, weight, bias, args, kwargs):
     """A convolution with a quantized weight through the registry's ``conv`` kernel."""
     if isinstance(input, QuantizedTensor):
         raise NotImplementedError(f"{func.__name__} supports a plain input and a quantized weight")
-    return run_kernel("conv", weight, input, bias, "auto", conv=(func, tuple(args), dict(kwargs)))
+    return run_kernel("conv", weight, input, bias, conv=(func, tuple(args), dict(kwargs)))
 
 
 def conv_impl(func):

@@ -31,10 +31,11 @@ class Float8Tensor(BlockQuantizedTensor):
         float8_dtype: torch.dtype = torch.float8_e4m3fn,
         kernel: str = "auto",
         name: str = "weight",
+        groups: int | None = None,
     ):
         qtype = float8_qtype(float8_dtype).name
         q, scale, _ = quantize_weight(w, block_size, qtype, symmetric=True, name=name)
         return cls(
             qdata=q, scale=scale, qtype=qtype, block_size=tuple(block_size), packed_dim=None,
-            kernel=kernel, shape=w.shape, dtype=w.dtype,
+            kernel=kernel, groups=groups, shape=w.shape, dtype=w.dtype,
         )

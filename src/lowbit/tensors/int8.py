@@ -22,9 +22,11 @@ class Int8Tensor(BlockQuantizedTensor):
     scheme = "int8"
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, block_size: Sequence[int], *, kernel: str = "auto", name: str = "weight"):
+    def from_float(cls, w: torch.Tensor, block_size: Sequence[int], *, kernel: str = "auto", name: str = "weight",
+                   groups: int | None = None):
+        """Quantize ``w``; ``groups`` is set for a convolution's weight (its kernels pack by it)."""
         q, scale, _ = quantize_weight(w, block_size, "int8", symmetric=True, name=name)
         return cls(
             qdata=q, scale=scale, qtype="int8", block_size=tuple(block_size), packed_dim=None,
-            kernel=kernel, shape=w.shape, dtype=w.dtype,
+            kernel=kernel, groups=groups, shape=w.shape, dtype=w.dtype,
         )

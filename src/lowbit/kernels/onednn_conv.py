@@ -1,0 +1,103 @@
+"""Static int8 convolution on oneDNN's u8s8 kernels (``torch.ops.onednn.qconv_pointwise``).
+
+The int8 weight is reordered into oneDNN's blocked layout once, at convert/load time
+(``qconv_prepack``, by the conv's groups); each call quantizes the input with the calibrated scale
+in one pass (uint8, zero point + 128), and oneDNN applies weight scales, bias and the output
+dtype inside the convolution. Results are channels-last; the next conv reads them without a copy.
+Transposed convolutions keep the reference kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .cpu import needs_vnni
+from .reference import _static_conv
+from .registry import register_kernel
+
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+_LAYOUTS = {3: torch.contiguous_format, 4: torch.channels_last, 5: torch.channels_last_3d}  # of results, by dims
+
+
+def _requires(device_type: str) -> str | None:
+    if not hasattr(torch.ops.onednn, "qconv_pointwise"):
+        return "needs torch.ops.onednn.qconv_pointwise (PyTorch built with oneDNN)"
+    return needs_vnni(device_type) or native.unavailable(device_type)
+
+
+def _pack(tensors, meta) -> dict:
+    """oneDNN's weight layout, chosen for a nominal input (the layout does not depend on the input's size)."""
+    weight, groups = tensors["qdata"], meta["groups"]  # (C_out, C_in / groups, *k)
+    spatial = [k + 7 for k in weight.shape[2:]]
+    x_shape = [1, weight.shape[1] * groups, *spatial]
+    dims = weight.dim() - 2
+    w_scale = tensors["scale"].reshape(-1).float()
+    packed = torch.ops.onednn.qconv_prepack(weight, w_scale, 1.0, 0, [1] * dims, [0] * dims, [1] * dims, groups, x_shape)
+    return {"packed": packed, "packed_aux": torch.zeros(weight.shape[0], dtype=torch.int64)}  # weight zero points
+
+
+def _quantize_input(x: torch.Tensor, scale: float, zero: float, symmetric: bool) -> torch.Tensor:
+    """uint8 q + 128 of the int8 static quantization of x (any dense layout kept), in one pass."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+            or x.is_contiguous(memory_format=torch.channels_last_3d)):
+        x = x.contiguous()
+    x = x.float()
+    q = torch.empty_like(x, dtype=torch.uint8)
+    rows = x.shape[0] * x.shape[1]  # per-tensor scale: any split of the buffer into rows works
+    unused = torch.empty(rows)
+    native.library().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), unused.data_ptr(), unused.data_ptr(), rows,
+                                               x.numel() // rows, int(symmetric), 1, scale, zero, torch.get_num_threads())
+    return q
+
+
+@torch.library.custom_op("lowbit::int8_static_conv", mutates_args=())
+def int8_static_conv(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+                     bias: torch.Tensor | None, act_scale: torch.Tensor, act_zero: torch.Tensor | None, symmetric: bool,
+                     stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """Conv of x quantized with the calibrated ``act_scale``/``act_zero`` and a prepacked int8 weight."""
+    scale = float(act_scale.reshape(()))
+    zero = 0.0 if act_zero is None else float(act_zero.reshape(()))
+    q = _quantize_input(x, scale, zero, symmetric)
+    out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    out = torch.ops.onednn.qconv_pointwise(q, scale, int(zero) + 128, packed, w_scale, w_zero, bias, stride, padding,
+                                           dilation, groups, 1.0, 0, out_dtype, "none", [], "")
+    return out.to(x.dtype).contiguous(memory_format=_LAYOUTS[x.dim()])
+
+
+@int8_static_conv.register_fake
+def _(x, packed, w_scale, w_zero, bias, act_scale, act_zero, symmetric, stride, padding, dilation, groups):
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], packed.shape[2:], stride, padding, dilation)]
+    return torch.empty(x.shape[0], packed.shape[0], *spatial, dtype=x.dtype, device=x.device, memory_format=_LAYOUTS[x.dim()])
+
+
+@register_kernel("conv", "int8_static", "onednn", devices=("cpu",), priority=20, granularities=("per_channel",),
+                 qtypes=("int8",), requires=_requires, pack=_pack)
+def int8_static_conv_onednn(x, tensors, meta, bias):
+    """Static int8 Conv1d/2d/3d: fused input quantization, prepacked u8s8 oneDNN convolution."""
+    func, args, kwargs = meta["conv"]
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    stride, padding, dilation, groups = _conv_args(x.dim() - 2, args, kwargs)
+    if func not in _CONVS or grad or isinstance(padding, str):
+        # transposed convs, string padding and autograd (straight-through gradients) take the reference path
+        return _static_conv(x, tensors, meta, bias)
+    if groups != meta["groups"]:
+        raise ValueError(f"this conv weight was packed for groups={meta['groups']}; received groups={groups}")
+    return int8_static_conv(
+        x.detach(), tensors["packed"], tensors["scale"].reshape(-1).float(), tensors["packed_aux"],
+        None if bias is None else bias.detach().float(), tensors["act_scale"], tensors.get("act_zero_point"),
+        meta["activation"].symmetric, stride, padding, dilation, groups,
+    )
+
+
+def _conv_args(dims: int, args, kwargs):
+    """(stride, padding, dilation, groups) of an ``F.convNd(input, weight, bias, *args, **kwargs)`` call;
+    padding stays a string when given as ``"same"``/``"valid"``."""
+    given = {**dict(zip(("stride", "padding", "dilation", "groups"), args)), **kwargs}
+
+    def expand(value):
+        return value if isinstance(value, str) else [value] * dims if isinstance(value, int) else list(value)
+
+    return expand(given.get("stride", 1)), expand(given.get("padding", 0)), expand(given.get("dilation", 1)), given.get("groups", 1)

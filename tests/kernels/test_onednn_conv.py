@@ -1,0 +1,95 @@
+"""The oneDNN static int8 convolution: same integer math as the reference kernel, packed once."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lowbit
+from lowbit.kernels.onednn_conv import _requires
+from lowbit.kernels.registry import select_kernel
+
+pytestmark = pytest.mark.skipif(_requires("cpu") is not None, reason=f"onednn conv kernel: {_requires('cpu')}")
+
+CONVS = [
+    (lambda: nn.Conv1d(4, 6, 3, stride=2), (2, 4, 20)),
+    (lambda: nn.Conv2d(4, 8, 3, padding=1), (2, 4, 8, 8)),
+    (lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), (3, 16, 9, 7)),
+    (lambda: nn.Conv2d(8, 8, 3, groups=8, dilation=2), (2, 8, 9, 9)),  # depthwise, dilated
+    (lambda: nn.Conv2d(8, 12, 1, groups=4), (1, 8, 5, 5)),
+    (lambda: nn.Conv3d(2, 4, 3, padding=(1, 0, 1)), (1, 2, 6, 6, 6)),
+]
+PICK = lambda m, fqn: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear))  # noqa: E731
+
+
+def _static(model, shape, config, batches=4):
+    lowbit.prepare(model, config, filter_fn=PICK)
+    lowbit.calibrate(model, [torch.randn(shape) for _ in range(batches)], progress=False)
+    return lowbit.convert(model)
+
+
+@pytest.mark.parametrize("make, shape", CONVS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_onednn_conv_matches_reference_kernel(make, shape, symmetric):
+    float_model = nn.Sequential(make()).eval()
+    torch.manual_seed(0)  # the same calibration data for both
+    fast = _static(copy.deepcopy(float_model), shape, lowbit.StaticInt8(act_symmetric=symmetric, smoothing=None))
+    torch.manual_seed(0)
+    ref = _static(copy.deepcopy(float_model), shape, lowbit.StaticInt8(act_symmetric=symmetric, smoothing=None, kernel="reference"))
+    assert fast[0].weight.weight.packed_for == "int8_static"
+    assert fast[0].weight.weight.packed.layout == torch._mkldnn  # oneDNN's layout, made at convert
+    assert ref[0].weight.weight.packed is None
+    x = torch.randn(shape) * 1.5  # values past the calibrated range saturate the same way
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
+        channels_last = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        torch.testing.assert_close(fast(channels_last), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_onednn_for_conv_and_reference_for_transposed():
+    assert select_kernel("conv", "int8_static", "cpu", "auto", "per_channel/int8").name == "onednn"
+    model = _static(nn.Sequential(nn.ConvTranspose2d(4, 4, 1, groups=4)).eval(), (2, 4, 5, 5), lowbit.StaticInt8())
+    ref = model[0].weight.dequantize()
+    x = torch.randn(2, 4, 5, 5)
+    expected = nn.functional.conv_transpose2d(x, ref, model[0].bias, groups=4)
+    assert (model(x) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_packed_conv_survives_deepcopy_pickle_bf16_and_state_dict():
+    torch.manual_seed(0)
+    model = _static(nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), (2, 4, 10, 10), lowbit.StaticInt8())
+    x = torch.randn(2, 4, 10, 10)
+    expected = model(x)
+    assert torch.equal(copy.deepcopy(model)(x), expected)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone(x), expected)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+    assert (half(x.bfloat16()).float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_string_padding_and_autograd_take_the_reference_path():
+    torch.manual_seed(0)
+    model = _static(nn.Sequential(nn.Conv2d(4, 8, 3, padding="same")).eval(), (2, 4, 8, 8), lowbit.StaticInt8())
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 8, 8, 8)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_static_conv_compiles_and_exports():
+    torch.manual_seed(0)
+    model = _static(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), (2, 3, 8, 8), lowbit.StaticInt8())
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x))
