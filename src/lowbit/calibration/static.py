@@ -74,9 +74,15 @@ def _smoothing(module: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor, t
 
 def _prepared(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found = [(fqn, m) for fqn, m in model.named_modules() if hasattr(m, OBSERVER_ATTR)]
-    if not found:
+    if not found and not _calibrating(model):
         raise ValueError("the model has no observers: call lowbit.prepare(model, config) first")
     return found
+
+
+def _calibrating(model: nn.Module) -> list[nn.Module]:
+    """Modules that observe their own inputs until frozen (``calibrating`` and ``freeze()``, e.g.
+    :class:`lowbit.attention.QuantizedSDPA`)."""
+    return [m for m in model.modules() if getattr(m, "calibrating", False) and hasattr(m, "freeze")]
 
 
 def _progress(iterable, total: int | None, enabled: bool):
@@ -125,8 +131,9 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
     Raises:
         NotCalibratedError: a layer's observer saw no data; nothing is changed.
     """
-    prepared = _prepared(model)
+    prepared, self_observing = _prepared(model), _calibrating(model)
     blind = [fqn for fqn, m in prepared if not getattr(m, OBSERVER_ATTR).observed]
+    blind += [fqn for fqn, m in model.named_modules() if m in self_observing and not all(o.observed for o in m.observers)]
     if blind:
         raise NotCalibratedError(
             f"no activations were observed for {blind[:5]}{' ...' if len(blind) > 5 else ''}: "
@@ -146,6 +153,8 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
         with torch.no_grad():
             qweight = config.quantize_weight(weight, f"{fqn}.weight", **conv_layout(module))
         planned.append((fqn, module, StaticActivationTensor.wrap_static(qweight, activation, scale.float(), zero_point, smooth)))
+    for module in self_observing:
+        module.freeze()
     for fqn, module, qweight in planned:
         label = module._lowbit_static[0].label()  # recorded by lowbit.save
         module._lowbit_static[1].remove()
