@@ -21,6 +21,8 @@ from .configs import (
     StaticInt8,
 )
 from .modules import QuantizedLinear
+from . import serialization
+from .serialization import CheckpointError, load, load_pretrained, save
 from .tensors import (
     ActivationQuant,
     DynamicActivationTensor,
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationQuant",
+    "CheckpointError",
     "DynamicActivationTensor",
     "Float8DynamicActivation",
     "Float8Tensor",
@@ -56,7 +59,11 @@ __all__ = [
     "default_filter",
     "fuse",
     "kernels",
+    "load",
+    "load_pretrained",
     "prepare",
     "quantize_",
     "register_handler",
+    "save",
+    "serialization",
 ]
