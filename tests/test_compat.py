@@ -8,14 +8,11 @@ import torch.nn as nn
 from conftest import ALL_CONFIGS, MLP, WEIGHT_ONLY_CONFIGS, config_id, relative_error
 
 import lowbit
+from lowbit.configs import NAMED_CONFIGS, STATIC_CONFIGS, config_from_name
 
-MAIN_CONFIGS = [
-    lowbit.Int8WeightOnly(),
-    lowbit.Int4WeightOnly(group_size=32),
-    lowbit.Int8DynamicActivation(),
-    lowbit.Float8WeightOnly(),
-    lowbit.Float8DynamicActivation(),
-]
+# one of each weight-only and dynamic config (int4 per group of 32, to fit the 64-wide MLP)
+MAIN_CONFIGS = [config_from_name(name, group_size=32 if name == "int4-weight-only" else None)
+                for name, config_type in NAMED_CONFIGS.items() if config_type not in STATIC_CONFIGS]
 
 
 @pytest.mark.parametrize("config", MAIN_CONFIGS, ids=config_id)
