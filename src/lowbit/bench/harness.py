@@ -2,7 +2,8 @@
 
 (a) Linear layers shaped like LLaMA-7B at M = 1, 8, 32, 128, 512 (SQNR vs the fp32 layer);
 (b) all-MiniLM-L6-v2 end to end at batch 1 and 32, sequence 128 (cosine vs fp32 embeddings);
-(c) quantize_ time and peak memory on MiniLM.
+(c) quantize_ time and peak memory on MiniLM;
+(d) the digits CNN with static int8/float8 at batch 1, 256 and 1024 (top-1 accuracy).
 Every time is a median over repetitions in this one process; ratios are fp32_time / time.
 
 Run: ``lowbit bench [--quick] [--out DIR]`` (or ``python benchmarks/bench.py``, which writes to
@@ -28,6 +29,7 @@ import torch.nn as nn
 import lowbit
 from lowbit.configs import NAMED_CONFIGS, config_from_name
 
+from .cnn import bench_cnn
 from .peers import PEERS
 
 Echo = Callable[[str], None]
@@ -195,6 +197,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['method']} | {r['rows']} | {r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['ratio']:.2f}x |")
     q = report["quantize"]
     lines += ["", f"quantize_ on MiniLM: {q['quantize_s']:.3f} s, peak memory {q['peak_ratio']:.2f}x the float model ({q['model_mb']:.1f} MB)."]
+    lines += ["", "### Digits CNN (Conv-BN-ReLU ResNet-style, BatchNorm folded)", "", "| method | batch | ms | vs fp32 | top-1 |", "|---|---|---|---|---|"]
+    for r in report.get("cnn", []):
+        lines.append(f"| {r['method']} | {r['batch']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['top1']:.2f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +217,7 @@ def run(quick: bool, out: Path, echo: Echo) -> dict:
     report["minilm"] = bench_minilm(quick, echo)
     report["compile"] = bench_compile(quick, echo)
     report["quantize"] = quantize_cost(echo)
+    report["cnn"] = bench_cnn(median_ms, echo)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     (out / "bench.md").write_text(markdown(report))

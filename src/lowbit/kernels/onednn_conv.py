@@ -18,6 +18,7 @@ from .reference import _static_conv
 from .registry import register_kernel
 
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
+_PARALLEL_MIN = 1 << 16  # elements below which input quantization runs on one thread
 _LAYOUTS = {3: torch.contiguous_format, 4: torch.channels_last, 5: torch.channels_last_3d}  # of results, by dims
 
 
@@ -46,9 +47,10 @@ def _quantize_input(x: torch.Tensor, scale: float, zero: float, symmetric: bool)
     x = x.float()
     q = torch.empty_like(x, dtype=torch.uint8)
     rows = x.shape[0] * x.shape[1]  # per-tensor scale: any split of the buffer into rows works
-    unused = torch.empty(rows)
-    native.library().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), unused.data_ptr(), unused.data_ptr(), rows,
-                                               x.numel() // rows, int(symmetric), 1, scale, zero, torch.get_num_threads())
+    row_scales = torch.empty(rows)  # written by the kernel (all equal to scale here)
+    threads = torch.get_num_threads() if x.numel() >= _PARALLEL_MIN else 1  # waking threads costs more than small inputs
+    native.library().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), row_scales.data_ptr(), row_scales.data_ptr(),
+                                               rows, x.numel() // rows, int(symmetric), 1, scale, zero, threads)
     return q
 
 
