@@ -19,6 +19,7 @@ from .configs import (
     QuantConfig,
     StaticFloat8,
     StaticInt8,
+    config_from_name,
 )
 from .modules import QuantizedLinear
 from . import serialization
@@ -55,6 +56,7 @@ __all__ = [
     "StaticFloat8",
     "StaticInt8",
     "calibrate",
+    "config_from_name",
     "convert",
     "default_filter",
     "fuse",
