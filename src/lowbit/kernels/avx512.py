@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..primitives.packing import unpack_int4
 from . import native
-from .cpu import _straight_through, colsum, finish, int8_dynamic_int_mm, weight_colsum
+from .cpu import PACK_ROWS, _straight_through, colsum, finish, int8_dynamic_int_mm, weight_colsum
 from .reference import fake_quantize_activation
 from .registry import register_kernel
 
@@ -272,11 +272,18 @@ def float8_static_avx512(x, tensors, meta, bias):
 
 def _pack_int4(tensors, meta) -> dict:
     """Per-row constant of the int4 GEMV: 32896 * sum_g scale * sum_{k in g} (q - zero)."""
-    q = unpack_int4(tensors["qdata"], signed=meta["qtype"] == "int4").float()  # (N, K)
-    groups = q.unflatten(-1, (tensors["scale"].shape[-1], -1)).sum(-1)  # (N, K/G) sums of q
+    names = [n for n in ("qdata", "scale", "zero_point") if n in tensors]
+    chunks = zip(*(tensors[n].split(PACK_ROWS) for n in names))
+    terms = [_int4_row_terms(dict(zip(names, chunk)), meta) for chunk in chunks]
+    return {"packed_aux": torch.cat(terms)}  # (N,)
+
+
+def _int4_row_terms(tensors, meta) -> torch.Tensor:
+    q = unpack_int4(tensors["qdata"], signed=meta["qtype"] == "int4").float()  # (rows, K)
+    groups = q.unflatten(-1, (tensors["scale"].shape[-1], -1)).sum(-1)  # (rows, K/G) sums of q
     if "zero_point" in tensors:
         groups = groups - tensors["zero_point"].float() * meta["block_size"][-1]
-    return {"packed_aux": 32896.0 * (tensors["scale"].float() * groups).sum(-1)}  # (N,)
+    return 32896.0 * (tensors["scale"].float() * groups).sum(-1)
 
 
 @torch.library.custom_op("lowbit::int4_gemv", mutates_args=())

@@ -34,9 +34,13 @@ def quantize_activation_int8(x2d: torch.Tensor, act) -> tuple[torch.Tensor, torc
     return q, scale, None if zero_point is None else zero_point.float()
 
 
+PACK_ROWS = 256  # packing works on this many weight rows at a time: temporaries stay small
+
+
 def weight_colsum(tensors, meta) -> dict:
     """Per-output-row sum of int8 weights, for the activation zero-point correction."""
-    return {"packed_aux": tensors["qdata"].sum(-1, dtype=torch.int32).float()}  # (N,)
+    sums = [rows.sum(-1, dtype=torch.int32) for rows in tensors["qdata"].split(PACK_ROWS)]
+    return {"packed_aux": torch.cat(sums).float()}  # (N,)
 
 
 def colsum(tensors) -> torch.Tensor:
