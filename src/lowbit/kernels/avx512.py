@@ -15,6 +15,7 @@ from ..primitives.packing import unpack_int4
 from . import native
 from .cpu import PACK_ROWS, _straight_through, colsum, finish, int8_dynamic_int_mm, weight_colsum
 from .reference import fake_quantize_activation
+from .ops import custom_op
 from .registry import register_kernel
 
 # Rows up to which a memory-bound GEMV beats a GEMM on this machine kind (BENCHMARKS.md).
@@ -30,7 +31,7 @@ def _lib():
     return lib
 
 
-@torch.library.custom_op("lowbit::gemv", mutates_args=())
+@custom_op("lowbit::gemv")
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, is_fp8: bool) -> torch.Tensor:
     """y (M, N) = (x (M, K) @ weight (N, K)^T) * scale (N,) + bias, weights int8 or e4m3 codes."""
     x = x.contiguous().float()
@@ -65,7 +66,7 @@ def _decoded_linear(x: torch.Tensor, n: int, decode_rows) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("lowbit::fp8_decoded_linear", mutates_args=())
+@custom_op("lowbit::fp8_decoded_linear")
 def fp8_decoded_linear(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ decode(codes (N, K) e4m3 as uint8)^T through bf16 (exact decode), unscaled."""
     codes = codes.contiguous()
@@ -79,7 +80,7 @@ def _(x, codes):
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("lowbit::int4_decoded_linear", mutates_args=())
+@custom_op("lowbit::int4_decoded_linear")
 def int4_decoded_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                         group_size: int) -> torch.Tensor:
     """x (M, K) @ W^T for packed (N, K/2) 4-bit weights with per-group scale (and uint8 zero point)."""
@@ -115,13 +116,16 @@ def _epilogue(acc, acc_hi, x_scale, offset, row_sums, w_scale, bias, threads) ->
     return out
 
 
-def _vnni_gemv(a: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
-    out = torch.empty(a.shape[0], weight.shape[0], dtype=torch.int32)
-    _lib().lowbit_gemv_u8s8(a.data_ptr(), weight.data_ptr(), out.data_ptr(), a.shape[0], weight.shape[0], a.shape[1], threads)
+def _int8_small(x, weight, w_scale, row_sums, bias, mode: int, fixed_scale=0.0, fixed_zero=0.0) -> torch.Tensor:
+    """The one-call C path for few rows: activation quantization, VNNI GEMV and epilogue fused."""
+    (m, k), n = x.shape, weight.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    _lib().lowbit_int8_linear_small(x.data_ptr(), weight.data_ptr(), w_scale.data_ptr(), row_sums.data_ptr(), _ptr(bias),
+                                    out.data_ptr(), m, n, k, mode, fixed_scale, fixed_zero, torch.get_num_threads())
     return out
 
 
-@torch.library.custom_op("lowbit::int8_activation_linear", mutates_args=())
+@custom_op("lowbit::int8_activation_linear")
 def int8_activation_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
                            bias: torch.Tensor | None, symmetric: bool, act_scale: torch.Tensor | None = None,
                            act_zero: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,18 +134,15 @@ def int8_activation_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch
     (``torch._int_mm``), and one fused epilogue for zero point, scales and bias."""
     x = x.contiguous().float()
     (m, k), threads = x.shape, torch.get_num_threads()
-    small = m <= GEMV_ROWS_INT8
-    q = torch.empty(m, k, dtype=torch.uint8 if small else torch.int8)
-    x_scale, zero = torch.empty(m), torch.empty(m)
     fixed_scale = 0.0 if act_scale is None else float(act_scale.reshape(()))
     fixed_zero = 0.0 if act_zero is None else float(act_zero.reshape(()))
+    if m <= GEMV_ROWS_INT8:
+        return _int8_small(x, weight, w_scale, row_sums, bias, 1 if symmetric else 2, fixed_scale, fixed_zero)
+    q, x_scale, zero = torch.empty(m, k, dtype=torch.int8), torch.empty(m), torch.empty(m)
     _lib().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k,
-                                     int(symmetric), int(small), fixed_scale, fixed_zero, threads)
-    if small:  # q holds q + 128: sum (q - zero) w = sum (q + 128) w - (zero + 128) * row_sum
-        acc, offset = _vnni_gemv(q, weight, threads), zero + 128
-    else:
-        acc, offset = torch._int_mm(q, weight.t()), None if symmetric else zero
-    return _epilogue(acc, None, x_scale, offset, row_sums, w_scale, bias, threads)
+                                     int(symmetric), 0, fixed_scale, fixed_zero, threads)
+    acc = torch._int_mm(q, weight.t())
+    return _epilogue(acc, None, x_scale, None if symmetric else zero, row_sums, w_scale, bias, threads)
 
 
 @int8_activation_linear.register_fake
@@ -149,20 +150,17 @@ def _(x, weight, w_scale, row_sums, bias, symmetric, act_scale=None, act_zero=No
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("lowbit::int8_weight_linear", mutates_args=())
+@custom_op("lowbit::int8_weight_linear")
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
     """Weight-only int8 linear, float32 (M, N), on a per-token 16-bit split of the activation
     (two int8 halves): VNNI GEMV for few rows, two oneDNN int8 GEMMs above."""
     x = x.contiguous().float()
     (m, k), threads = x.shape, torch.get_num_threads()
-    small = m <= GEMV_ROWS_INT8  # the GEMV takes uint8 halves + 128: 256 * 128 + 128 = 32896 row sums come off
-    halves, x_scale = torch.empty(2, m, k, dtype=torch.uint8 if small else torch.int8), torch.empty(m)
-    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k,
-                                int(small), threads)
-    if small:
-        acc = _vnni_gemv(halves.view(2 * m, k), weight, threads)
-        return _epilogue(acc[m:], acc[:m], x_scale, torch.full((m,), 32896.0), row_sums, w_scale, bias, threads)
+    if m <= GEMV_ROWS_INT8:
+        return _int8_small(x, weight, w_scale, row_sums, bias, 0)
+    halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
+    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, 0, threads)
     w_t = weight.t()
     return _epilogue(torch._int_mm(halves[1], w_t), torch._int_mm(halves[0], w_t), x_scale, None, row_sums, w_scale, bias, threads)
 
@@ -197,7 +195,7 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
     return _straight_through(finish(out, x, None, None), x, bias, (tensors, meta))
 
 
-@torch.library.custom_op("lowbit::float8_rows", mutates_args=())
+@custom_op("lowbit::float8_rows")
 def float8_rows(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float8 e4m3fn quantization per row (or with the static ``act_scale``): ``(r, scale)`` with r on
     the e4m3 grid (exact in bf16) and x ~= scale * r."""
@@ -286,7 +284,7 @@ def _int4_row_terms(tensors, meta) -> torch.Tensor:
     return 32896.0 * (tensors["scale"].float() * groups).sum(-1)
 
 
-@torch.library.custom_op("lowbit::int4_gemv", mutates_args=())
+@custom_op("lowbit::int4_gemv")
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
               row_terms: torch.Tensor, group_size: int) -> torch.Tensor:
     """Weight-only int4 for a few rows, float32 (M, N): VNNI on a 16-bit split of the activation."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from . import native
 from .cpu import needs_vnni
 from .reference import _static_conv
+from .ops import custom_op
 from .registry import register_kernel
 
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
@@ -54,7 +55,7 @@ def _quantize_input(x: torch.Tensor, scale: float, zero: float, symmetric: bool)
     return q
 
 
-@torch.library.custom_op("lowbit::int8_static_conv", mutates_args=())
+@custom_op("lowbit::int8_static_conv")
 def int8_static_conv(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                      bias: torch.Tensor | None, act_scale: torch.Tensor, act_zero: torch.Tensor | None, symmetric: bool,
                      stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:

@@ -26,6 +26,8 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_META_CACHE = "_lowbit_meta"  # instance attribute holding the built ``meta``
+_RESOLVED: dict = {}  # (class, table name, op) -> implementation or None, filled by _lookup
 
 
 class QuantizedTensor(torch.Tensor):
@@ -69,10 +71,14 @@ class QuantizedTensor(torch.Tensor):
 
     @property
     def meta(self) -> dict[str, Any]:
-        """Metadata by name, plus the outer ``shape`` and ``dtype``."""
-        meta = {n: getattr(self, n) for n in self.meta_names}
-        meta.update(shape=tuple(self.shape), dtype=self.dtype)
-        return meta
+        """Metadata by name, plus the outer ``shape`` and ``dtype`` (a fresh dict each time, built once:
+        reading ``shape`` and ``dtype`` of a subclass goes through ``__torch_function__``)."""
+        cached = self.__dict__.get(_META_CACHE)
+        if cached is None:
+            cached = {n: getattr(self, n) for n in self.meta_names}
+            cached.update(shape=tuple(self.shape), dtype=self.dtype)
+            self.__dict__[_META_CACHE] = cached
+        return dict(cached)
 
     def rebuild(self, **changes) -> "QuantizedTensor":
         """A new instance of the same class with some fields, metadata, shape or dtype replaced."""
@@ -117,7 +123,7 @@ class QuantizedTensor(torch.Tensor):
 
     def extra_state(self) -> dict[str, Any]:
         """Attributes beyond the declared ones, e.g. nn.Parameter's ``_is_param`` flag."""
-        names = set(self.tensor_names + self.optional_tensor_names + self.meta_names)
+        names = set(self.tensor_names + self.optional_tensor_names + self.meta_names) | {_META_CACHE}
         return {k: v for k, v in self.__dict__.items() if k not in names}
 
     def __deepcopy__(self, memo):
@@ -139,6 +145,7 @@ class QuantizedTensor(torch.Tensor):
         def wrap(impl):
             for op in ops:
                 cls._aten_table[op] = impl
+            _RESOLVED.clear()
             return impl
 
         return wrap
@@ -151,17 +158,18 @@ class QuantizedTensor(torch.Tensor):
         def wrap(impl):
             for func in funcs:
                 cls._function_table[func] = impl
+            _RESOLVED.clear()
             return impl
 
         return wrap
 
     @classmethod
     def _lookup(cls, table_name: str, op):
-        for klass in cls.__mro__:
-            table = klass.__dict__.get(table_name)
-            if table is not None and op in table:
-                return table[op]
-        return None
+        key = (cls, table_name, op)
+        if key not in _RESOLVED:
+            tables = (klass.__dict__.get(table_name) for klass in cls.__mro__)
+            _RESOLVED[key] = next((table[op] for table in tables if table is not None and op in table), None)
+        return _RESOLVED[key]
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
