@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..primitives.packing import unpack_int4
 from . import native
-from .cpu import PACK_ROWS, _straight_through, colsum, finish, int8_dynamic_int_mm, weight_colsum
+from .cpu import _straight_through, colsum, finish, int8_dynamic_int_mm, weight_colsum
 from .reference import fake_quantize_activation
 from .ops import custom_op
 from .registry import register_kernel
@@ -268,55 +267,34 @@ def float8_static_avx512(x, tensors, meta, bias):
     return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
 
 
-def _pack_int4(tensors, meta) -> dict:
-    """Per-row constant of the int4 GEMV: 32896 * sum_g scale * sum_{k in g} (q - zero)."""
-    names = [n for n in ("qdata", "scale", "zero_point") if n in tensors]
-    chunks = zip(*(tensors[n].split(PACK_ROWS) for n in names))
-    terms = [_int4_row_terms(dict(zip(names, chunk)), meta) for chunk in chunks]
-    return {"packed_aux": torch.cat(terms)}  # (N,)
-
-
-def _int4_row_terms(tensors, meta) -> torch.Tensor:
-    q = unpack_int4(tensors["qdata"], signed=meta["qtype"] == "int4").float()  # (rows, K)
-    groups = q.unflatten(-1, (tensors["scale"].shape[-1], -1)).sum(-1)  # (rows, K/G) sums of q
-    if "zero_point" in tensors:
-        groups = groups - tensors["zero_point"].float() * meta["block_size"][-1]
-    return 32896.0 * (tensors["scale"].float() * groups).sum(-1)
-
-
 @custom_op("lowbit::int4_gemv")
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-              row_terms: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Weight-only int4 for a few rows, float32 (M, N): VNNI on a 16-bit split of the activation."""
+              bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """Weight-only int4 for a few rows, float32 (M, N), in one C call: a 16-bit split of the activation,
+    VNNI products on the canonical packed nibbles, group scales, zero points and bias."""
     x = x.contiguous().float()
-    (m, k), threads = x.shape, torch.get_num_threads()
-    halves, x_scale = torch.empty(2, m, k, dtype=torch.uint8), torch.empty(m)
-    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, 1, threads)
-    a = halves.transpose(0, 1).reshape(m, 2, k // 64, 32, 2).transpose(-1, -2).contiguous()  # (M, 2, K): each
-    # 64-block of k holds the even k, then the odd k, as the weight nibbles do
+    (m, k), n = x.shape, packed.shape[0]
     zero = None if zero_point is None else zero_point.contiguous()
-    scale, out = scale.float().contiguous(), torch.empty(m, packed.shape[0], dtype=torch.float32)
-    _lib().lowbit_int4_gemv(a.data_ptr(), x_scale.data_ptr(), packed.contiguous().data_ptr(), _ptr(zero), scale.data_ptr(),
-                            row_terms.contiguous().data_ptr(), out.data_ptr(), m, packed.shape[0], k, group_size, threads)
+    scale, out = scale.float().contiguous(), torch.empty(m, n, dtype=torch.float32)
+    _lib().lowbit_int4_linear_small(x.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero), _ptr(bias),
+                                    out.data_ptr(), m, n, k, group_size, torch.get_num_threads())
     return out
 
 
 @int4_gemv.register_fake
-def _(x, packed, scale, zero_point, row_terms, group_size):
+def _(x, packed, scale, zero_point, bias, group_size):
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
 @register_kernel("linear", "int4", "avx512", devices=("cpu",), priority=20, granularities=("per_group",),
-                 requires=native.unavailable, pack=_pack_int4)
+                 requires=native.unavailable)
 def int4_weight_avx512(x, tensors, meta, bias):
     """Weight-only int4: VNNI GEMV on a 16-bit activation split for few rows, bf16 decode + GEMM above."""
     group = meta["block_size"][-1]
     x2d = x.reshape(-1, x.shape[-1])
-    if _rows(x) <= GEMV_ROWS_INT4 and x.shape[-1] % 64 == 0:  # the GEMV walks k in blocks of 64
-        row_terms = tensors.get("packed_aux")
-        if row_terms is None:  # a view that dropped its packing
-            row_terms = _pack_int4(tensors, meta)["packed_aux"]
-        out = int4_gemv(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), row_terms, group)
+    if _rows(x) <= GEMV_ROWS_INT4 and x.shape[-1] % 128 == 0:  # the GEMV walks k in blocks of 128
+        fused_bias = None if bias is None else bias.detach().float().contiguous()
+        out = finish(int4_gemv(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), fused_bias, group), x)
     else:
-        out = int4_decoded_linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), group)
-    return _straight_through(finish(out, x, None, bias), x, bias, (tensors, meta))
+        out = finish(int4_decoded_linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), group), x, None, bias)
+    return _straight_through(out, x, bias, (tensors, meta))

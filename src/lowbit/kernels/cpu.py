@@ -55,7 +55,9 @@ def finish(out: torch.Tensor, x: torch.Tensor, scale=None, bias=None) -> torch.T
         out = out * scale.reshape(1, -1).float()
     if bias is not None:
         out = out + bias.float()
-    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+    if x.dim() != 2:
+        out = out.reshape(*x.shape[:-1], -1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _straight_through(out: torch.Tensor, x: torch.Tensor, bias, weight) -> torch.Tensor:
