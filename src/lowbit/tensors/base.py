@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_META_CACHE = "_lowbit_meta"  # instance attribute holding the built ``meta``
+_BUILT = "_lowbit_built"  # instance attribute holding what _built() made
 _RESOLVED: dict = {}  # (class, table name, op) -> implementation or None, filled by _lookup
 
 
@@ -73,12 +73,17 @@ class QuantizedTensor(torch.Tensor):
     def meta(self) -> dict[str, Any]:
         """Metadata by name, plus the outer ``shape`` and ``dtype`` (a fresh dict each time, built once:
         reading ``shape`` and ``dtype`` of a subclass goes through ``__torch_function__``)."""
-        cached = self.__dict__.get(_META_CACHE)
-        if cached is None:
-            cached = {n: getattr(self, n) for n in self.meta_names}
-            cached.update(shape=tuple(self.shape), dtype=self.dtype)
-            self.__dict__[_META_CACHE] = cached
-        return dict(cached)
+        return dict(self._built()["meta"])
+
+    def _built(self) -> dict[str, Any]:
+        """``meta`` and the ``__tensor_flatten__`` context, built on first use (fields never change)."""
+        built = self.__dict__.get(_BUILT)
+        if built is None:
+            meta = {n: getattr(self, n) for n in self.meta_names}
+            meta.update(shape=tuple(self.shape), dtype=self.dtype)
+            context = (tuple(meta[n] for n in self.meta_names), meta["shape"], meta["dtype"])
+            built = self.__dict__[_BUILT] = {"meta": meta, "context": context}
+        return built
 
     def rebuild(self, **changes) -> "QuantizedTensor":
         """A new instance of the same class with some fields, metadata, shape or dtype replaced."""
@@ -96,7 +101,7 @@ class QuantizedTensor(torch.Tensor):
         raise NotImplementedError(f"{type(self).__name__} must implement dequantize()")
 
     def __tensor_flatten__(self):
-        return list(self.fields()), (tuple(getattr(self, n) for n in self.meta_names), tuple(self.shape), self.dtype)
+        return list(self.fields()), self._built()["context"]
 
     @classmethod
     def __tensor_unflatten__(cls, inner_tensors, ctx, outer_size, outer_stride):
@@ -123,7 +128,7 @@ class QuantizedTensor(torch.Tensor):
 
     def extra_state(self) -> dict[str, Any]:
         """Attributes beyond the declared ones, e.g. nn.Parameter's ``_is_param`` flag."""
-        names = set(self.tensor_names + self.optional_tensor_names + self.meta_names) | {_META_CACHE}
+        names = set(self.tensor_names + self.optional_tensor_names + self.meta_names) | {_BUILT}
         return {k: v for k, v in self.__dict__.items() if k not in names}
 
     def __deepcopy__(self, memo):
