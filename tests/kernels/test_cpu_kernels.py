@@ -126,3 +126,31 @@ def test_fused_int8_activation_quantization_is_bit_exact(symmetric):
     assert torch.equal(q, expected) and torch.equal(scale, expected_scale.reshape(-1))
     if not symmetric:
         assert torch.equal(zero, expected_zero.float().reshape(-1))
+
+
+@needs_native
+def test_plain_eager_calls_skip_the_dispatcher_and_tracing_sees_the_op():
+    """Plain eager calls run the implementation directly (no op in the profiler's dispatcher events);
+    under a dispatch mode (as when tracing) the call goes through the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    lowbit.quantize_(model, lowbit.Int8WeightOnly())
+    x = torch.randn(2, 64)
+    expected = model(x)
+    with torch.profiler.profile() as prof:
+        model(x)
+    assert not any("lowbit::" in event.name for event in prof.events())
+    with SeenOps() as seen:
+        traced = model(x)
+    assert "lowbit.int8_weight_linear.default" in seen.names
+    assert torch.equal(traced, expected)
