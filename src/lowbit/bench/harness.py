@@ -163,7 +163,7 @@ def quantize_cost(echo: Echo) -> dict:
 
 
 def bench_compile(quick: bool, echo: Echo) -> list[dict]:
-    """torch.compile of each quantized linear vs the same model in eager mode (4096 -> 11008)."""
+    """torch.compile of each quantized linear (4096 -> 11008) and of quantized MiniLM vs eager mode."""
     results = []
     for config in CONFIGS:
         torch.manual_seed(0)
@@ -174,10 +174,38 @@ def bench_compile(quick: bool, echo: Echo) -> list[dict]:
             x = torch.randn(m, 4096)
             eager_ms = median_ms(lambda: model(x))
             compiled_ms = median_ms(lambda: compiled(x))
-            results.append(dict(method=config.label(), rows=m, eager_ms=eager_ms, compiled_ms=compiled_ms,
-                                ratio=eager_ms / compiled_ms))
-            echo(f"compile {config.label():<40} M={m:<4} eager {eager_ms:8.3f} ms compiled {compiled_ms:8.3f} ms ({eager_ms / compiled_ms:.2f}x)")
+            results.append(_compile_row("linear 4096->11008", config, f"M={m}", eager_ms, compiled_ms, echo))
+    return results + bench_minilm_compile(quick, echo)
+
+
+MINILM_COMPILE_CONFIGS = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
+
+
+def bench_minilm_compile(quick: bool, echo: Echo) -> list[dict]:
+    """torch.compile of quantized MiniLM at batch 1 vs the same model in eager mode: on a whole model
+    Inductor fuses the float ops around lowbit's kernels, and dynamo's per-call cost is paid once."""
+    from lowbit.embedded import load_minilm, stdlib_sentences
+
+    base, tokenizer = load_minilm()
+    batch = tokenizer(" ".join(stdlib_sentences(40, offset=256)), padding="max_length", truncation=True, max_length=128,
+                      return_tensors="pt")
+    results = []
+    for name in MINILM_COMPILE_CONFIGS[:1] if quick else MINILM_COMPILE_CONFIGS:
+        config = config_from_name(name)
+        model = lowbit.quantize_(copy.deepcopy(base), config)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        eager_ms = median_ms(lambda: model(**batch), budget_s=2.0)
+        compiled_ms = median_ms(lambda: compiled(**batch), budget_s=2.0)
+        results.append(_compile_row("MiniLM", config, "batch 1", eager_ms, compiled_ms, echo))
     return results
+
+
+def _compile_row(model: str, config, size: str, eager_ms: float, compiled_ms: float, echo: Echo) -> dict:
+    echo(f"compile {model:<18} {config.label():<36} {size:<8} eager {eager_ms:8.3f} ms compiled {compiled_ms:8.3f} ms "
+         f"({eager_ms / compiled_ms:.2f}x)")
+    return dict(model=model, method=config.label(), size=size, eager_ms=eager_ms, compiled_ms=compiled_ms,
+                ratio=eager_ms / compiled_ms)
 
 
 def markdown(report: dict) -> str:
@@ -192,9 +220,10 @@ def markdown(report: dict) -> str:
     lines += ["", "### all-MiniLM-L6-v2, sequence 128", "", "| method | batch | ms | vs fp32 | cos min | cos mean |", "|---|---|---|---|---|---|"]
     for r in report["minilm"]:
         lines.append(f"| {r['method']} | {r['batch']} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['cos_min']:.4f} | {r['cos_mean']:.4f} |")
-    lines += ["", "### torch.compile vs eager (4096 -> 11008)", "", "| method | M | eager ms | compiled ms | eager / compiled |", "|---|---|---|---|---|"]
+    lines += ["", "### torch.compile vs eager", "", "| model | method | size | eager ms | compiled ms | eager / compiled |",
+              "|---|---|---|---|---|---|"]
     for r in report["compile"]:
-        lines.append(f"| {r['method']} | {r['rows']} | {r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['ratio']:.2f}x |")
+        lines.append(f"| {r['model']} | {r['method']} | {r['size']} | {r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['ratio']:.2f}x |")
     q = report["quantize"]
     lines += ["", f"quantize_ on MiniLM: {q['quantize_s']:.3f} s, peak memory {q['peak_ratio']:.2f}x the float model ({q['model_mb']:.1f} MB)."]
     lines += ["", "### Digits CNN (Conv-BN-ReLU ResNet-style, BatchNorm folded)", "", "| method | batch | ms | vs fp32 | top-1 |", "|---|---|---|---|---|"]
