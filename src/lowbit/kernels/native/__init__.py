@@ -59,7 +59,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             os.replace(target, library)  # atomic: concurrent builders never see a half-written file
     lib = ctypes.CDLL(str(library))
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.lowbit_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
+    lib.lowbit_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_fp8_rows_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     lib.lowbit_int8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, i32]

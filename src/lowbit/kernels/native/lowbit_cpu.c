@@ -18,20 +18,16 @@ static inline __m512 decode_e4m3_scaled(__m128i bytes) {
     return _mm512_cvtph_ps(bits);
 }
 
-static inline __m512 decode_i8(__m128i bytes) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-}
-
 static inline float decode_e4m3_scalar(uint8_t b) {
     int mag = b & 0x7F, e = mag >> 3, m = mag & 7;
     float f = e ? (1.0f + m / 8.0f) * (float)(1 << e) / 128.0f : m / 512.0f;
     return (b & 0x80) ? -f : f;
 }
 
-/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]) for int8 (is_fp8 = 0) or e4m3 weights.
+/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]) for e4m3 weights, decoded in registers.
  * Four independent accumulators per activation row hide the FMA latency. */
 void lowbit_gemv(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
-                 int64_t M, int64_t N, int64_t K, int is_fp8, int threads) {
+                 int64_t M, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * K;
@@ -45,24 +41,24 @@ void lowbit_gemv(const float *x, const uint8_t *w, const float *scale, const flo
             for (; k + 64 <= K; k += 64) {
                 for (int u = 0; u < 4; u++) {
                     __m128i bytes = _mm_loadu_si128((const __m128i *)(wr + k + 16 * u));
-                    __m512 wv = is_fp8 ? decode_e4m3_scaled(bytes) : decode_i8(bytes);
+                    __m512 wv = decode_e4m3_scaled(bytes);
                     for (int r = 0; r < rows; r++)
                         acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + k + 16 * u), wv, acc[r][u]);
                 }
             }
             for (; k + 16 <= K; k += 16) {
                 __m128i bytes = _mm_loadu_si128((const __m128i *)(wr + k));
-                __m512 wv = is_fp8 ? decode_e4m3_scaled(bytes) : decode_i8(bytes);
+                __m512 wv = decode_e4m3_scaled(bytes);
                 for (int r = 0; r < rows; r++)
                     acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + k), wv, acc[r][0]);
             }
             for (; k < K; k++) {
-                float wk = is_fp8 ? decode_e4m3_scalar(wr[k]) / 256.0f : (float)(int8_t)wr[k];
+                float wk = decode_e4m3_scalar(wr[k]) / 256.0f;
                 for (int r = 0; r < rows; r++) tail[r] += x[(m0 + r) * K + k] * wk;
             }
             for (int r = 0; r < rows; r++) {
                 __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
-                float v = (_mm512_reduce_add_ps(sum) + tail[r]) * (is_fp8 ? 256.0f * scale[n] : scale[n]);
+                float v = (_mm512_reduce_add_ps(sum) + tail[r]) * (256.0f * scale[n]);
                 y[(m0 + r) * N + n] = bias ? v + bias[n] : v;
             }
         }
