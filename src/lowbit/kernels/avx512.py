@@ -159,7 +159,7 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Ten
     if m <= GEMV_ROWS_INT8:
         return _int8_small(x, weight, w_scale, row_sums, bias, 0)
     halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
-    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, 0, threads)
+    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, threads)
     w_t = weight.t()
     return _epilogue(torch._int_mm(halves[1], w_t), torch._int_mm(halves[0], w_t), x_scale, None, row_sums, w_scale, bias, threads)
 

@@ -29,8 +29,7 @@ def plain_eager(args) -> bool:
 def custom_op(qualname: str):
     """Define ``fn`` as the op ``qualname`` (``"lowbit::name"``, schema from its annotations, no
     mutated inputs) and return a caller that skips the dispatcher in plain eager mode. The caller
-    takes positional arguments; ``.register_fake`` registers the op's fake implementation and ``.op``
-    is the op overload."""
+    takes positional arguments; ``.register_fake`` registers the op's fake implementation."""
     namespace, name = qualname.split("::")
     if namespace != "lowbit":
         raise ValueError(f"lowbit defines ops in its own namespace; received {qualname!r}")
@@ -45,7 +44,6 @@ def custom_op(qualname: str):
             return fn(*args) if plain_eager(args) else op(*args)
 
         call.register_fake = functools.partial(torch.library.register_fake, qualname, lib=_LIBRARY)
-        call.op = op
         return call
 
     return wrap

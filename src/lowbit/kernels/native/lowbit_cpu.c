@@ -255,11 +255,10 @@ static void split_row_16(const float *row, int8_t *hi, int8_t *lo, float *scale,
     }
 }
 
-/* split_row_16 for every row of x (M, K). */
-void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int offset128,
-                          int threads) {
+/* split_row_16 for every row of x (M, K), signed halves (for oneDNN's int8 GEMM). */
+void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) split_row_16(x + m * K, hi + m * K, lo + m * K, scale + m, K, offset128);
+    for (int64_t m = 0; m < M; m++) split_row_16(x + m * K, hi + m * K, lo + m * K, scale + m, K, 0);
 }
 
 /* Small-batch int8 linear in one call (M <= 8): y[m, n] = (acc - offset[m] * colsum[n]) * x_scale[m] *
@@ -432,7 +431,6 @@ void lowbit_int4_linear_small(const float *x, const uint8_t *packed, const float
                                                               _mm512_set1_epi32(8)), G == 32 ? 5 : 6);
     __mmask16 block_groups = G < 128 ? (__mmask16)((1u << (128 / G)) - 1) : 1;
     __m512i flip = _mm512_set1_epi8(zero ? 0 : (char)0x88);
-    int64_t pairs = (N + 1) / 2;
 #pragma omp parallel num_threads(threads)
     {
         int8_t *tmp = (int8_t *)malloc(2 * K);
@@ -440,25 +438,20 @@ void lowbit_int4_linear_small(const float *x, const uint8_t *packed, const float
         for (int64_t m = 0; m < M; m++) split_rows_deinterleaved(x, a, R, x_scale, m, K, G, tmp);
         free(tmp);
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < pairs; p++) { /* weight rows 2p, 2p + 1 */
-            int64_t n0 = 2 * p;
-            int full = n0 + 1 < N;
+        for (int64_t p = 0; p < (N + 1) / 2; p++) { /* weight rows 2p and 2p + 1 (if any) */
+            int64_t n0 = 2 * p, nrows = N - n0 < 2 ? 1 : 2;
             for (int64_t m0 = 0; m0 < M; m0 += MR) {
                 int64_t rows = M - m0 < MR ? M - m0 : MR;
-#define INT4_TILE(nr, rows) int4_tile(packed, scale, zero, a, R, x_scale, bias, y, n0, nr, m0, rows, N, K, G, groups, span, span_groups, lane_group, block_groups, flip)
-                if (rows <= 2 && full) {
-                    if (rows == 1) INT4_TILE(2, 1); else INT4_TILE(2, 2);
-                } else {
-                    for (int j = 0; j < 1 + full; j++, n0++) {
-                        switch (rows) {
-                            case 1: INT4_TILE(1, 1); break;
-                            case 2: INT4_TILE(1, 2); break;
-                            case 3: INT4_TILE(1, 3); break;
-                            default: INT4_TILE(1, 4); break;
-                        }
+#define INT4_TILE(n, nr, rows) int4_tile(packed, scale, zero, a, R, x_scale, bias, y, n, nr, m0, rows, N, K, G, groups, span, span_groups, lane_group, block_groups, flip)
+                if (rows == 1 && nrows == 2) INT4_TILE(n0, 2, 1); /* two weight rows fit the registers for <= 2 activation rows */
+                else if (rows == 2 && nrows == 2) INT4_TILE(n0, 2, 2);
+                else
+                    for (int64_t n = n0; n < n0 + nrows; n++) switch (rows) {
+                        case 1: INT4_TILE(n, 1, 1); break;
+                        case 2: INT4_TILE(n, 1, 2); break;
+                        case 3: INT4_TILE(n, 1, 3); break;
+                        default: INT4_TILE(n, 1, 4); break;
                     }
-                    n0 = 2 * p;
-                }
 #undef INT4_TILE
             }
         }
