@@ -72,6 +72,25 @@ def test_int4_gemv_every_group_size_matches_reference(group_size, symmetric):
 
 
 @needs_native
+@pytest.mark.parametrize("table_decode", [True, False], ids=["table-decode", "register-decode"])
+def test_float8_gemv_decodes_every_code_exactly(monkeypatch, table_decode):
+    """Every finite e4m3 code (subnormals, both zeros, +-448) in a weight matrix with a K tail; rows 1..12
+    (above 8 the kernel takes the rows in passes). Both decodes: byte tables (AVX512-VBMI) and registers."""
+    if table_decode and not native.has_table_decode():
+        pytest.skip("this CPU has no AVX512-VBMI")
+    monkeypatch.setattr(native, "has_table_decode", lambda: table_decode)
+    finite = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    codes = finite[torch.randperm(len(finite)).repeat(15)[: 19 * 200]].reshape(19, 200)  # K = 200: 3 blocks of 64 + 8
+    values = codes.view(torch.float8_e4m3fn).double()
+    scale, bias = torch.rand(19) + 0.5, torch.randn(19)
+    for rows in (1, 2, 3, 4, 5, 8, 12):
+        x = torch.randn(rows, 200)
+        expected = x.double() @ (values * scale.double()[:, None]).T + bias.double()
+        got = avx512.float8_gemv(x, codes, scale, bias)
+        assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+
+
+@needs_native
 def test_native_ops_compile_and_export():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
     lowbit.quantize_(model, lowbit.Float8WeightOnly())
@@ -79,7 +98,7 @@ def test_native_ops_compile_and_export():
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
     program = torch.export.export(model, (x,))
-    assert any("lowbit.gemv" in str(node.target) for node in program.graph.nodes)
+    assert any("lowbit.float8_gemv" in str(node.target) for node in program.graph.nodes)
 
 
 def test_unavailable_native_library_is_reported(monkeypatch):

@@ -30,20 +30,22 @@ def _lib():
     return lib
 
 
-@custom_op("lowbit::gemv")
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y (M, N) = (x (M, K) @ weight (N, K)^T) * scale (N,) + bias, weights e4m3 codes (as uint8)."""
+@custom_op("lowbit::float8_gemv")
+def float8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y (M, N) = (x (M, K) @ weight (N, K)^T) * scale (N,) + bias for e4m3 codes (as uint8) and a few rows,
+    the codes decoded in registers (by byte-table lookup where the CPU has AVX512-VBMI)."""
     x = x.contiguous().float()
     weight = weight.contiguous()
     scale = scale.reshape(-1).float().expand(weight.shape[0]).contiguous()
     bias = None if bias is None else bias.float().contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    _lib().lowbit_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                       out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1], torch.get_num_threads())
+    (m, k), n = x.shape, weight.shape[0]
+    out, threads = torch.empty(m, n, dtype=torch.float32), torch.get_num_threads()
+    kernel = _lib().lowbit_fp8_linear_small if native.has_table_decode() else _lib().lowbit_gemv
+    kernel(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), _ptr(bias), out.data_ptr(), m, n, k, threads)
     return out
 
 
-@gemv.register_fake
+@float8_gemv.register_fake
 def _(x, weight, scale, bias):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
@@ -215,7 +217,7 @@ def _float8_linear(x, tensors, bias, row_scale=None):
     """(x @ W^T) * w_scale (* row_scale) + bias for e4m3 weights: GEMV for few rows, bf16 GEMM above."""
     x2d = x.reshape(-1, x.shape[-1])
     if _rows(x) <= GEMV_ROWS_FLOAT8:
-        out = gemv(x2d, tensors["qdata"].view(torch.uint8), tensors["scale"], None)
+        out = float8_gemv(x2d, tensors["qdata"].view(torch.uint8), tensors["scale"], None)
     else:
         out = fp8_decoded_linear(x2d, tensors["qdata"].view(torch.uint8)) * tensors["scale"].reshape(1, -1).float()
     if row_scale is not None:

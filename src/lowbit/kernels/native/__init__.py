@@ -1,7 +1,8 @@
 """lowbit's own AVX-512 CPU kernels, compiled on first use with the system C compiler.
 
-The C source has no PyTorch headers, so the build takes about a second; the library is cached
-under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``) keyed by the source's hash. Kernels that
+The C sources (one per weight scheme, plus ``common.h``) have no PyTorch headers, so the build takes
+about a second; the library is cached under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``) keyed by
+the sources' hash. Kernels that
 need it report why when it cannot be had (no AVX-512, no compiler), so ``kernel="auto"`` skips
 them and a kernel named explicitly raises.
 """
@@ -9,6 +10,7 @@ them and a kernel named explicitly raises.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -17,21 +19,24 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("lowbit_cpu.c")
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+TABLE_DECODE_FLAGS = ("avx512vbmi",)  # lowbit_fp8_linear_small (compiled for them, called only with them)
 _state: dict = {}
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU feature flags the kernel (Linux) reports; empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
@@ -43,8 +48,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "needs a C compiler (cc or gcc) to build its kernels"
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(path.name.encode() + path.read_bytes() for path in SOURCES + HEADERS)).hexdigest()[:16]
     cache = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
     library = cache / f"lowbit_cpu-{digest}.so"
     if not library.exists():
@@ -52,7 +56,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             target = Path(tmp) / library.name
             command = [compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC",
-                       str(SOURCE), "-o", str(target)]
+                       *map(str, SOURCES), "-o", str(target)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 return None, f"building its kernels failed: {result.stderr.strip()[-400:]}"
@@ -60,6 +64,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib = ctypes.CDLL(str(library))
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.lowbit_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.lowbit_fp8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_fp8_rows_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     lib.lowbit_int8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, i32]
@@ -70,7 +75,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.lowbit_float8_rows.argtypes = [ptr, ptr, ptr, i64, i64, f32, i32]
     for fn in (lib.lowbit_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_int8_linear_small,
                lib.lowbit_quantize_rows_int8, lib.lowbit_int32_epilogue, lib.lowbit_split_rows_16, lib.lowbit_int4_linear_small,
-               lib.lowbit_float8_rows):
+               lib.lowbit_float8_rows, lib.lowbit_fp8_linear_small):
         fn.restype = None
     return lib, None
 
@@ -80,6 +85,11 @@ def library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         _state["lib"], _state["reason"] = _build()
     return _state["lib"]
+
+
+def has_table_decode() -> bool:
+    """Whether this CPU runs the float8 GEMV that decodes by byte-table lookup (AVX512-VBMI)."""
+    return all(flag in cpu_flags() for flag in TABLE_DECODE_FLAGS)
 
 
 def unavailable(device_type: str = "cpu") -> str | None:
