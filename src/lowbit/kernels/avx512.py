@@ -40,7 +40,7 @@ def float8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     bias = None if bias is None else bias.float().contiguous()
     (m, k), n = x.shape, weight.shape[0]
     out, threads = torch.empty(m, n, dtype=torch.float32), torch.get_num_threads()
-    kernel = _lib().lowbit_fp8_linear_small if native.has_table_decode() else _lib().lowbit_gemv
+    kernel = _lib().lowbit_fp8_gemv_table if native.has_table_decode() else _lib().lowbit_fp8_gemv
     kernel(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), _ptr(bias), out.data_ptr(), m, n, k, threads)
     return out
 

@@ -22,7 +22,7 @@ from pathlib import Path
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-TABLE_DECODE_FLAGS = ("avx512vbmi",)  # lowbit_fp8_linear_small (compiled for them, called only with them)
+TABLE_DECODE_FLAGS = ("avx512vbmi",)  # lowbit_fp8_gemv_table (compiled for them, called only with them)
 _state: dict = {}
 
 
@@ -63,8 +63,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             os.replace(target, library)  # atomic: concurrent builders never see a half-written file
     lib = ctypes.CDLL(str(library))
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.lowbit_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
-    lib.lowbit_fp8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.lowbit_fp8_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.lowbit_fp8_gemv_table.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_fp8_rows_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     lib.lowbit_int8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, i32]
@@ -73,9 +73,9 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.lowbit_split_rows_16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32]
     lib.lowbit_int4_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     lib.lowbit_float8_rows.argtypes = [ptr, ptr, ptr, i64, i64, f32, i32]
-    for fn in (lib.lowbit_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_int8_linear_small,
+    for fn in (lib.lowbit_fp8_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_int8_linear_small,
                lib.lowbit_quantize_rows_int8, lib.lowbit_int32_epilogue, lib.lowbit_split_rows_16, lib.lowbit_int4_linear_small,
-               lib.lowbit_float8_rows, lib.lowbit_fp8_linear_small):
+               lib.lowbit_float8_rows, lib.lowbit_fp8_gemv_table):
         fn.restype = None
     return lib, None
 

@@ -20,7 +20,7 @@ static inline float decode_e4m3_scalar(uint8_t b) {
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]) for e4m3 weights, decoded in registers.
  * Four independent accumulators per activation row hide the FMA latency. */
-void lowbit_gemv(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
+void lowbit_fp8_gemv(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -126,13 +126,35 @@ void lowbit_float8_rows(const float *x, float *r, float *scale, int64_t M, int64
     }
 }
 
-/* ---- float8 GEMV with table decode (CPUs with AVX512-VBMI) ----
+/* ---- table decode (CPUs with AVX512-VBMI) ----
  * Every e4m3 value is exact in bf16, so 64 codes decode with two byte-table lookups (vpermi2b: the high and
  * low byte of each value's bf16 pattern, indexed by the 7-bit magnitude; the sign is OR-ed into the high
- * byte) and two byte interleaves; one shift or mask per 16 widens bf16 to float32, and FMAs take the float32
- * activations as they are (exact products, as F.linear). About half the instructions of lowbit_gemv. */
+ * byte) and two byte interleaves. */
 #define VBMI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi")))
 #define FP8_PREFETCH 2048 /* bytes ahead in each weight row */
+
+/* table[0..1]: high bytes of the bf16 patterns of magnitudes 0..127, table[2..3]: low bytes (0x7F: NaN). */
+VBMI_TARGET static void e4m3_bf16_tables(__m512i table[4]) {
+    uint8_t bytes[2][128];
+    for (int c = 0; c < 128; c++) {
+        float f = c == 0x7F ? __builtin_nanf("") : decode_e4m3_scalar((uint8_t)c);
+        uint32_t bits;
+        __builtin_memcpy(&bits, &f, 4);
+        bytes[0][c] = (uint8_t)(bits >> 24), bytes[1][c] = (uint8_t)(bits >> 16);
+    }
+    for (int t = 0; t < 4; t++) table[t] = _mm512_loadu_si512((const void *)(bytes[t / 2] + 64 * (t % 2)));
+}
+
+/* 64 codes -> 64 bf16 patterns: per 16-byte lane l, lo holds codes 16l..16l+7 and hi codes 16l+8..16l+15. */
+VBMI_TARGET static inline __attribute__((always_inline)) void decode64_bf16(__m512i v, const __m512i table[4], __m512i *lo,
+                                                                            __m512i *hi) {
+    __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(table[0], v, table[1]), v, _mm512_set1_epi8((char)0x80), 0xF8);
+    __m512i l = _mm512_permutex2var_epi8(table[2], v, table[3]);
+    *lo = _mm512_unpacklo_epi8(l, h), *hi = _mm512_unpackhi_epi8(l, h);
+}
+
+/* ---- float8 GEMV with table decode: one shift or mask per 16 widens the bf16 values to float32, and FMAs
+ * take the float32 activations as they are (exact products, as F.linear). ---- */
 
 /* Per 16-byte lane l of a 64-code block the interleaves yield codes 16l..16l+7 (first vector) and
  * 16l+8..16l+15 (second); widening takes a vector's even 16-bit elements, then its odd ones. Activations
@@ -147,7 +169,7 @@ VBMI_TARGET static inline __attribute__((always_inline)) void fp8_table_tile(
     const float *x, const uint8_t *w, const float *scale, const float *bias, const float *a, float *y,
     int64_t n0, const int nr, const int rows, int64_t N, int64_t K, const __m512i table[4]) {
     int64_t blocks = K / 64;
-    __m512i sign = _mm512_set1_epi8((char)0x80), high16 = _mm512_set1_epi32((int)0xFFFF0000);
+    __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000);
     const int P = rows * nr > 4 ? 2 : 4; /* accumulators per output: enough independent FMA chains, in registers */
     __m512 acc[MAX_SMALL_ROWS][ROWS][4];
     for (int r = 0; r < rows; r++)
@@ -157,10 +179,8 @@ VBMI_TARGET static inline __attribute__((always_inline)) void fp8_table_tile(
         for (int j = 0; j < nr; j++) {
             const uint8_t *wb = w + (n0 + j) * K + 64 * b;
             _mm_prefetch((const char *)(wb + FP8_PREFETCH), _MM_HINT_T0);
-            __m512i v = _mm512_loadu_si512((const void *)wb);
-            __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(table[0], v, table[1]), v, sign, 0xF8);
-            __m512i l = _mm512_permutex2var_epi8(table[2], v, table[3]);
-            __m512i lo = _mm512_unpacklo_epi8(l, h), hi = _mm512_unpackhi_epi8(l, h);
+            __m512i lo, hi;
+            decode64_bf16(_mm512_loadu_si512((const void *)wb), table, &lo, &hi);
             __m512 wf[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), _mm512_castsi512_ps(_mm512_and_si512(lo, high16)),
                             _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)), _mm512_castsi512_ps(_mm512_and_si512(hi, high16))};
             for (int r = 0; r < rows; r++) {
@@ -182,17 +202,10 @@ VBMI_TARGET static inline __attribute__((always_inline)) void fp8_table_tile(
 }
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows (M <= 8 per pass) and e4m3 weights (as uint8). */
-VBMI_TARGET void lowbit_fp8_linear_small(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
+VBMI_TARGET void lowbit_fp8_gemv_table(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
                                          int64_t M, int64_t N, int64_t K, int threads) {
-    uint8_t bytes[2][128]; /* high and low byte of the bf16 pattern of each magnitude; 0x7F is NaN */
-    for (int c = 0; c < 128; c++) {
-        float f = c == 0x7F ? __builtin_nanf("") : decode_e4m3_scalar((uint8_t)c);
-        uint32_t bits;
-        __builtin_memcpy(&bits, &f, 4);
-        bytes[0][c] = (uint8_t)(bits >> 24), bytes[1][c] = (uint8_t)(bits >> 16);
-    }
     __m512i table[4];
-    for (int t = 0; t < 4; t++) table[t] = _mm512_loadu_si512((const void *)(bytes[t / 2] + 64 * (t % 2)));
+    e4m3_bf16_tables(table);
     int order[64];
     for (int j = 0; j < 64; j++) order[j] = block_order(j);
     float *a = (float *)aligned_alloc(64, ((M * K * sizeof(float) + 63) / 64) * 64 + 64);
