@@ -8,6 +8,8 @@ oneDNN's bf16 GEMM, or int8 weights go through two int8 GEMMs (:mod:`lowbit.kern
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +38,7 @@ def float8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     the codes decoded in registers (by byte-table lookup where the CPU has AVX512-VBMI)."""
     x = x.contiguous().float()
     weight = weight.contiguous()
-    scale = scale.reshape(-1).float().expand(weight.shape[0]).contiguous()
-    bias = None if bias is None else bias.float().contiguous()
+    scale, bias = _vector(scale).expand(weight.shape[0]).contiguous(), _vector(bias)
     (m, k), n = x.shape, weight.shape[0]
     out, threads = torch.empty(m, n, dtype=torch.float32), torch.get_num_threads()
     kernel = _lib().lowbit_fp8_gemv_table if native.has_table_decode() else _lib().lowbit_fp8_gemv
@@ -50,41 +51,59 @@ def _(x, weight, scale, bias):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-CHUNK_BYTES = 8 << 20  # decoded bf16 weight rows per GEMM call: cache-resident scratch, no page faults
+CHUNK_BYTES = 8 << 20  # decoded bf16 weight rows per GEMM call: cache-resident scratch
+_SCRATCH = threading.local()  # one chunk buffer per thread, allocated once: no page faults per call
 
 
-def _decoded_linear(x: torch.Tensor, n: int, decode_rows) -> torch.Tensor:
-    """(M, K) @ W^T with W decoded to bf16 one cache-sized block of rows at a time -> (M, N) float32."""
+def _scratch(numel: int) -> torch.Tensor:
+    buffer = getattr(_SCRATCH, "bf16", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH.bf16 = torch.empty(max(numel, CHUNK_BYTES // 2), dtype=torch.bfloat16)
+    return buffer[:numel]
+
+
+def _decoded_linear(x: torch.Tensor, n: int, decode_rows, w_scale=None, row_scale=None, bias=None) -> torch.Tensor:
+    """(M, K) @ W^T with W decoded to bf16 one cache-sized block of rows at a time, then per block one pass
+    for the bf16 -> float32 widening, ``w_scale`` (N,), ``row_scale`` (M, 1) and ``bias`` -> (M, N) float32."""
     x = x.to(torch.bfloat16).contiguous()
-    k = x.shape[1]
+    (m, k), threads = x.shape, torch.get_num_threads()
     rows = max(16, CHUNK_BYTES // (2 * k))
-    scratch = torch.empty(min(rows, n), k, dtype=torch.bfloat16)
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    scratch = _scratch(min(rows, n) * k).view(-1, k)
+    out = torch.empty(m, n, dtype=torch.float32)
     for row0 in range(0, n, rows):
         count = min(rows, n - row0)
         decode_rows(row0, count, scratch.data_ptr())
-        out[:, row0 : row0 + count] = F.linear(x, scratch[:count])
+        acc = F.linear(x, scratch[:count])
+        _lib().lowbit_bf16_epilogue(acc.data_ptr(), _offset_ptr(w_scale, row0), _ptr(row_scale), _offset_ptr(bias, row0),
+                                    out.data_ptr() + 4 * row0, m, count, n, threads)
     return out
 
 
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1).float().contiguous()
+
+
 @custom_op("lowbit::fp8_decoded_linear")
-def fp8_decoded_linear(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ decode(codes (N, K) e4m3 as uint8)^T through bf16 (exact decode), unscaled."""
+def fp8_decoded_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tensor | None,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) @ decode(codes (N, K) e4m3 as uint8)^T * scale (* row_scale (M, 1)) + bias through bf16
+    (exact decode), float32 (M, N)."""
     codes = codes.contiguous()
     n, k = codes.shape
     threads = torch.get_num_threads()
-    return _decoded_linear(x, n, lambda row0, count, dst: _lib().lowbit_fp8_rows_to_bf16(codes.data_ptr(), dst, k, row0, count, threads))
+    return _decoded_linear(x, n, lambda row0, count, dst: _lib().lowbit_fp8_rows_to_bf16(codes.data_ptr(), dst, k, row0, count, threads),
+                           _vector(scale).expand(n).contiguous(), _vector(row_scale), _vector(bias))
 
 
 @fp8_decoded_linear.register_fake
-def _(x, codes):
+def _(x, codes, scale, row_scale, bias):
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 
 @custom_op("lowbit::int4_decoded_linear")
 def int4_decoded_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                        group_size: int) -> torch.Tensor:
-    """x (M, K) @ W^T for packed (N, K/2) 4-bit weights with per-group scale (and uint8 zero point)."""
+                        bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """x (M, K) @ W^T + bias for packed (N, K/2) 4-bit weights with per-group scale (and uint8 zero point)."""
     packed, scale = packed.contiguous(), scale.float().contiguous()
     zero = None if zero_point is None else zero_point.contiguous()
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -94,11 +113,11 @@ def int4_decoded_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
         _lib().lowbit_int4_rows_to_bf16(packed.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
                                         dst, k, group_size, row0, count, threads)
 
-    return _decoded_linear(x, n, decode)
+    return _decoded_linear(x, n, decode, bias=_vector(bias))
 
 
 @int4_decoded_linear.register_fake
-def _(x, packed, scale, zero_point, group_size):
+def _(x, packed, scale, zero_point, bias, group_size):
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
@@ -108,6 +127,11 @@ def _rows(x) -> int:
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
+
+
+def _offset_ptr(t: torch.Tensor | None, start: int):
+    """Address of float32 element ``start`` of ``t`` (None for None)."""
+    return None if t is None else t.data_ptr() + 4 * start
 
 
 def _epilogue(acc, acc_hi, x_scale, offset, row_sums, w_scale, bias, threads) -> torch.Tensor:
@@ -214,15 +238,14 @@ def _(x, act_scale=None):
 
 
 def _float8_linear(x, tensors, bias, row_scale=None):
-    """(x @ W^T) * w_scale (* row_scale) + bias for e4m3 weights: GEMV for few rows, bf16 GEMM above."""
+    """(x (* row_scale)) @ W^T * w_scale + bias for e4m3 weights: GEMV for few rows, bf16 GEMM above."""
     x2d = x.reshape(-1, x.shape[-1])
-    if _rows(x) <= GEMV_ROWS_FLOAT8:
-        out = float8_gemv(x2d, tensors["qdata"].view(torch.uint8), tensors["scale"], None)
-    else:
-        out = fp8_decoded_linear(x2d, tensors["qdata"].view(torch.uint8)) * tensors["scale"].reshape(1, -1).float()
-    if row_scale is not None:
-        out = out * row_scale
-    return finish(out, x, None, bias)
+    codes, fused_bias = tensors["qdata"].view(torch.uint8), None if bias is None else bias.detach()
+    if _rows(x) <= GEMV_ROWS_FLOAT8:  # float32 activations: the row scale goes in before the products
+        out = float8_gemv(x2d if row_scale is None else x2d * row_scale, codes, tensors["scale"], fused_bias)
+    else:  # row_scale is None or x is on the float8 grid, exact in bf16
+        out = fp8_decoded_linear(x2d, codes, tensors["scale"], row_scale, fused_bias)
+    return finish(out, x)
 
 
 @register_kernel("linear", "float8", "avx512", devices=("cpu",), priority=20, granularities=("per_row", "per_tensor"),
@@ -276,7 +299,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_p
     VNNI products on the canonical packed nibbles, group scales, zero points and bias."""
     x = x.contiguous().float()
     (m, k), n = x.shape, packed.shape[0]
-    zero = None if zero_point is None else zero_point.contiguous()
+    zero, bias = None if zero_point is None else zero_point.contiguous(), _vector(bias)
     scale, out = scale.float().contiguous(), torch.empty(m, n, dtype=torch.float32)
     _lib().lowbit_int4_linear_small(x.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero), _ptr(bias),
                                     out.data_ptr(), m, n, k, group_size, torch.get_num_threads())
@@ -293,10 +316,8 @@ def _(x, packed, scale, zero_point, bias, group_size):
 def int4_weight_avx512(x, tensors, meta, bias):
     """Weight-only int4: VNNI GEMV on a 16-bit activation split for few rows, bf16 decode + GEMM above."""
     group = meta["block_size"][-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    if _rows(x) <= GEMV_ROWS_INT4 and x.shape[-1] % 128 == 0:  # the GEMV walks k in blocks of 128
-        fused_bias = None if bias is None else bias.detach().float().contiguous()
-        out = finish(int4_gemv(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), fused_bias, group), x)
-    else:
-        out = finish(int4_decoded_linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), group), x, None, bias)
+    x2d, fused_bias = x.reshape(-1, x.shape[-1]), None if bias is None else bias.detach()
+    small = _rows(x) <= GEMV_ROWS_INT4 and x.shape[-1] % 128 == 0  # the GEMV walks k in blocks of 128
+    linear = int4_gemv if small else int4_decoded_linear
+    out = finish(linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), fused_bias, group), x)
     return _straight_through(out, x, bias, (tensors, meta))

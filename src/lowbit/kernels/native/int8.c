@@ -52,30 +52,6 @@ void lowbit_quantize_rows_int8(const float *x, int8_t *q, float *scale, float *z
         quantize_row_int8(x + m * K, q + m * K, scale + m, zero + m, K, symmetric, offset128, fixed_scale, fixed_zero);
 }
 
-/* out[m, n] = (acc[m, n] (+ 256 * acc_hi[m, n]) - offset[m] * colsum[n]) * x_scale[m] * w_scale[n] + bias[n].
- * acc_hi, offset and bias may be NULL. */
-void lowbit_int32_epilogue(const int32_t *acc, const int32_t *acc_hi, const float *x_scale, const float *offset,
-                           const float *colsum, const float *w_scale, const float *bias, float *out,
-                           int64_t M, int64_t N, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        __m512 xs = _mm512_set1_ps(x_scale[m]);
-        __m512 off = _mm512_set1_ps(offset ? offset[m] : 0.0f);
-        for (int64_t n = 0; n < N; n += 16) {
-            __mmask16 live = N - n >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-            __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, acc + m * N + n));
-            if (acc_hi)
-                v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, acc_hi + m * N + n)),
-                                    _mm512_set1_ps(256.0f), v);
-            if (offset)
-                v = _mm512_fnmadd_ps(off, _mm512_maskz_loadu_ps(live, colsum + n), v);
-            v = _mm512_mul_ps(v, _mm512_mul_ps(xs, _mm512_maskz_loadu_ps(live, w_scale + n)));
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, bias + n));
-            _mm512_mask_storeu_ps(out + m * N + n, live, v);
-        }
-    }
-}
-
 /* split_row_16 for every row of x (M, K), signed halves (for oneDNN's int8 GEMM). */
 void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
