@@ -58,14 +58,15 @@ _SCRATCH = threading.local()  # one chunk buffer per thread, allocated once: no 
 def _scratch(numel: int) -> torch.Tensor:
     buffer = getattr(_SCRATCH, "bf16", None)
     if buffer is None or buffer.numel() < numel:
-        buffer = _SCRATCH.bf16 = torch.empty(max(numel, CHUNK_BYTES // 2), dtype=torch.bfloat16)
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            buffer = _SCRATCH.bf16 = torch.empty(max(numel, CHUNK_BYTES // 2), dtype=torch.bfloat16)
     return buffer[:numel]
 
 
 def _decoded_linear(x: torch.Tensor, n: int, decode_rows, w_scale=None, row_scale=None, bias=None) -> torch.Tensor:
     """(M, K) @ W^T with W decoded to bf16 one cache-sized block of rows at a time, then per block one pass
     for the bf16 -> float32 widening, ``w_scale`` (N,), ``row_scale`` (M, 1) and ``bias`` -> (M, N) float32."""
-    x = x.to(torch.bfloat16).contiguous()
+    x = x.detach().to(torch.bfloat16).contiguous()  # autograd goes through _straight_through
     (m, k), threads = x.shape, torch.get_num_threads()
     rows = max(16, CHUNK_BYTES // (2 * k))
     scratch = _scratch(min(rows, n) * k).view(-1, k)
