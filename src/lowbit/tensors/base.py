@@ -202,7 +202,7 @@ def code_fingerprint() -> str:
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted(root.rglob("*")):
-        if path.suffix in (".py", ".c"):
+        if path.suffix in (".py", ".c", ".h"):
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
