@@ -1,4 +1,5 @@
-"""The oneDNN static int8 convolution: same integer math as the reference kernel, packed once."""
+"""The oneDNN static convolutions: int8 (same integer math as the reference kernel, packed once) and
+float8 (exact products in bf16, within bf16 output rounding of the reference)."""
 
 import copy
 import io
@@ -8,10 +9,11 @@ import torch
 import torch.nn as nn
 
 import lowbit
-from lowbit.kernels.onednn_conv import _requires
+from lowbit.kernels.onednn_conv import _requires, _requires_bf16
 from lowbit.kernels.registry import select_kernel
 
 pytestmark = pytest.mark.skipif(_requires("cpu") is not None, reason=f"onednn conv kernel: {_requires('cpu')}")
+needs_bf16 = pytest.mark.skipif(_requires_bf16("cpu") is not None, reason=f"bf16 conv: {_requires_bf16('cpu')}")
 
 CONVS = [
     (lambda: nn.Conv1d(4, 6, 3, stride=2), (2, 4, 20)),
@@ -46,6 +48,37 @@ def test_onednn_conv_matches_reference_kernel(make, shape, symmetric):
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
         channels_last = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         torch.testing.assert_close(fast(channels_last), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_bf16
+@pytest.mark.parametrize("make, shape", CONVS)
+def test_float8_conv_matches_reference_kernel(make, shape):
+    float_model = nn.Sequential(make()).eval()
+    torch.manual_seed(0)
+    fast = _static(copy.deepcopy(float_model), shape, lowbit.StaticFloat8())
+    torch.manual_seed(0)
+    ref = _static(copy.deepcopy(float_model), shape, lowbit.StaticFloat8(kernel="reference"))
+    x = torch.randn(shape) * 1.5
+    with torch.inference_mode():
+        expected = ref(x)
+        for given in (x, x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x):
+            out = fast(given)
+            assert out.shape == expected.shape and out.dtype == expected.dtype
+            assert ((out - expected).norm() / expected.norm()).item() < 4e-3  # bf16 rounding of the conv result
+
+
+@needs_bf16
+def test_float8_conv_is_picked_compiles_and_exports():
+    assert select_kernel("conv", "float8_static", "cpu", "auto", "per_channel/float8_e4m3fn").name == "onednn"
+    torch.manual_seed(0)
+    model = _static(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), (2, 3, 8, 8), lowbit.StaticFloat8())
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+    program = torch.export.export(model.requires_grad_(False), (x,))  # trainable biases take the reference path
+    assert any("float8_static_conv" in str(node.target) for node in program.graph.nodes)
+    torch.testing.assert_close(program.module()(x), model(x))
 
 
 def test_auto_picks_onednn_for_conv_and_reference_for_transposed():

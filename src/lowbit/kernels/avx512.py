@@ -228,7 +228,7 @@ def float8_rows(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> tuple
     x = x.contiguous().float()
     r, scale = torch.empty_like(x), torch.empty(x.shape[0], 1)
     fixed = 0.0 if act_scale is None else float(act_scale.reshape(()))
-    _lib().lowbit_float8_rows(x.data_ptr(), r.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1], fixed,
+    _lib().lowbit_float8_rows(x.data_ptr(), r.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1], fixed, 0,
                               torch.get_num_threads())
     return r, scale
 

@@ -1,10 +1,17 @@
-"""Static int8 convolution on oneDNN's u8s8 kernels (``torch.ops.onednn.qconv_pointwise``).
+"""Static int8 and float8 convolutions on oneDNN.
 
-The int8 weight is reordered into oneDNN's blocked layout once, at convert/load time
-(``qconv_prepack``, by the conv's groups); each call quantizes the input with the calibrated scale
-in one pass (uint8, zero point + 128), and oneDNN applies weight scales, bias and the output
-dtype inside the convolution. Results are channels-last; the next conv reads them without a copy.
-Transposed convolutions keep the reference kernel.
+Int8 runs oneDNN's u8s8 kernels (``torch.ops.onednn.qconv_pointwise``): the int8 weight is reordered
+into oneDNN's blocked layout once, at convert/load time (``qconv_prepack``, by the conv's groups);
+each call quantizes the input with the calibrated scale in one pass (uint8, zero point + 128), and
+oneDNN applies weight scales, bias and the output dtype inside the convolution.
+
+Float8 (e4m3fn) runs oneDNN's bf16 convolution: every e4m3 value is exact in bf16, so the input is
+rounded to the float8 grid straight into bf16 in one pass, the weight codes widen exactly to bf16,
+and one pass after the convolution applies both scales and the bias (products are exact; the
+convolution's bf16 result carries 8 significant bits, far below float8's own rounding).
+
+Results are channels-last; the next conv reads them without a copy. Transposed convolutions keep
+the reference kernel, as do Conv1d for float8 (channels are not the innermost dimension there).
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ def _requires(device_type: str) -> str | None:
     if not hasattr(torch.ops.onednn, "qconv_pointwise"):
         return "needs torch.ops.onednn.qconv_pointwise (PyTorch built with oneDNN)"
     return needs_vnni(device_type) or native.unavailable(device_type)
+
+
+def _requires_bf16(device_type: str) -> str | None:
+    if not torch.backends.mkldnn.is_available():
+        return "needs PyTorch built with oneDNN"
+    if not {"avx512_bf16", "amx_bf16"} & native.cpu_flags():
+        return "needs a CPU with AVX512-BF16 or AMX-BF16 (bf16 convolutions are emulated, slowly, elsewhere)"
+    return native.unavailable(device_type)
 
 
 def _pack(tensors, meta) -> dict:
@@ -76,16 +91,23 @@ def _(x, packed, w_scale, w_zero, bias, act_scale, act_zero, symmetric, stride, 
     return torch.empty(x.shape[0], packed.shape[0], *spatial, dtype=x.dtype, device=x.device, memory_format=_LAYOUTS[x.dim()])
 
 
+def _fast_conv_args(x, meta, bias, convs=_CONVS):
+    """(stride, padding, dilation, groups) when the fast kernel takes this call, else None: transposed
+    convs, string padding and autograd (straight-through gradients) take the reference path."""
+    func, args, kwargs = meta["conv"]
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    stride, padding, dilation, groups = _conv_args(x.dim() - 2, args, kwargs)
+    return None if func not in convs or grad or isinstance(padding, str) else (stride, padding, dilation, groups)
+
+
 @register_kernel("conv", "int8_static", "onednn", devices=("cpu",), priority=20, granularities=("per_channel",),
                  qtypes=("int8",), requires=_requires, pack=_pack)
 def int8_static_conv_onednn(x, tensors, meta, bias):
     """Static int8 Conv1d/2d/3d: fused input quantization, prepacked u8s8 oneDNN convolution."""
-    func, args, kwargs = meta["conv"]
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    stride, padding, dilation, groups = _conv_args(x.dim() - 2, args, kwargs)
-    if func not in _CONVS or grad or isinstance(padding, str):
-        # transposed convs, string padding and autograd (straight-through gradients) take the reference path
+    conv_args = _fast_conv_args(x, meta, bias)
+    if conv_args is None:
         return _static_conv(x, tensors, meta, bias)
+    stride, padding, dilation, groups = conv_args
     if groups != meta["groups"]:
         raise ValueError(f"this conv weight was packed for groups={meta['groups']}; received groups={groups}")
     return int8_static_conv(
@@ -93,6 +115,51 @@ def int8_static_conv_onednn(x, tensors, meta, bias):
         None if bias is None else bias.detach().float(), tensors["act_scale"], tensors.get("act_zero_point"),
         meta["activation"].symmetric, stride, padding, dilation, groups,
     )
+
+
+@custom_op("lowbit::float8_static_conv")
+def float8_static_conv(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                       act_scale: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                       groups: int) -> torch.Tensor:
+    """Conv2d/3d of x rounded to e4m3 with the calibrated ``act_scale`` and e4m3 weight codes (as uint8),
+    through oneDNN's bf16 convolution; channels-last float32 scaled by ``act_scale * w_scale`` plus bias."""
+    layout, lib, threads = _LAYOUTS[x.dim()], native.library(), torch.get_num_threads()
+    x = x.contiguous(memory_format=layout).float()
+    channels_out = codes.shape[0]
+    r, row_scales = torch.empty_like(x, dtype=torch.bfloat16), torch.empty(x.shape[0] * x.shape[1])
+    lib.lowbit_float8_rows(x.data_ptr(), r.data_ptr(), row_scales.data_ptr(), row_scales.numel(), x.numel() // row_scales.numel(),
+                           float(act_scale.reshape(())), 1, threads)  # per-tensor scale: any split into rows works
+    weight = torch.empty(codes.shape, dtype=torch.bfloat16)
+    lib.lowbit_fp8_rows_to_bf16(codes.data_ptr(), weight.data_ptr(), codes[0].numel(), 0, channels_out, threads)
+    acc = _CONVS[x.dim() - 3](r, weight, None, stride, padding, dilation, groups).contiguous(memory_format=layout)
+    out = torch.empty_like(acc, dtype=torch.float32)
+    scale = (w_scale.reshape(-1).float() * act_scale.reshape(()).float()).contiguous()
+    lib.lowbit_bf16_epilogue(acc.data_ptr(), scale.data_ptr(), None, None if bias is None else bias.data_ptr(), out.data_ptr(),
+                             acc.numel() // channels_out, channels_out, channels_out, threads)  # channels innermost
+    return out
+
+
+@float8_static_conv.register_fake
+def _(x, codes, w_scale, bias, act_scale, stride, padding, dilation, groups):
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], codes.shape[2:], stride, padding, dilation)]
+    return torch.empty(x.shape[0], codes.shape[0], *spatial, device=x.device, memory_format=_LAYOUTS[x.dim()])
+
+
+@register_kernel("conv", "float8_static", "onednn", devices=("cpu",), priority=20, granularities=("per_channel",),
+                 qtypes=("float8_e4m3fn",), requires=_requires_bf16)
+def float8_static_conv_onednn(x, tensors, meta, bias):
+    """Static float8 Conv2d/3d: input rounded to e4m3 in bf16, oneDNN bf16 convolution, one epilogue pass."""
+    conv_args = _fast_conv_args(x, meta, bias, convs=_CONVS[1:])
+    if conv_args is None or meta["activation"].qtype != "float8_e4m3fn":
+        return _static_conv(x, tensors, meta, bias)
+    out = float8_static_conv(x.detach(), tensors["qdata"].view(torch.uint8).contiguous(), tensors["scale"], _vector(bias),
+                             tensors["act_scale"], *conv_args)
+    return out.to(x.dtype)
+
+
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().reshape(-1).float().contiguous()
 
 
 def _conv_args(dims: int, args, kwargs):

@@ -94,8 +94,9 @@ void lowbit_fp8_rows_to_bf16(const uint8_t *w, uint16_t *out, int64_t K, int64_t
 /* Per-row dynamic float8 e4m3fn quantization of x (M, K) as lowbit.primitives.affine does it:
  * scale = max|x| / 448 (floored at FLT_MIN, non-finite values ignored), v = clamp(x / scale, -448, 448)
  * rounded half-to-even to e4m3 (3 mantissa bits; steps of 2^-9 below 2^-6), NaN -> 0. Writes the
- * rounded values r (exact in bfloat16) and the scale: x ~= scale[m] * r[m, :]. */
-void lowbit_float8_rows(const float *x, float *r, float *scale, int64_t M, int64_t K, float fixed_scale, int threads) {
+ * rounded values r (exact in bfloat16: float32, or bf16 bits when bf16_out) and the scale: x ~= scale[m] * r[m, :]. */
+void lowbit_float8_rows(const float *x, void *r, float *scale, int64_t M, int64_t K, float fixed_scale, int bf16_out,
+                        int threads) {
     /* fixed_scale > 0: static quantization with a calibrated scale for every row */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
@@ -121,7 +122,12 @@ void lowbit_float8_rows(const float *x, float *r, float *scale, int64_t M, int64
                                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
                                        _mm512_set1_ps(1.0f / 512.0f));
             __mmask16 is_sub = _mm512_cmp_ps_mask(_mm512_abs_ps(v), small, _CMP_LT_OQ);
-            _mm512_mask_storeu_ps(r + m * K + k, live, _mm512_mask_blend_ps(is_sub, normal, sub));
+            __m512 rounded = _mm512_mask_blend_ps(is_sub, normal, sub);
+            if (bf16_out) /* exact: the low 16 bits are zero */
+                _mm256_mask_storeu_epi16((uint16_t *)r + m * K + k, live,
+                                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+            else
+                _mm512_mask_storeu_ps((float *)r + m * K + k, live, rounded);
         }
     }
 }
