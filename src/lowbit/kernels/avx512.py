@@ -222,38 +222,46 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
 
 
 @custom_op("lowbit::float8_rows")
-def float8_rows(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def float8_rows(x: torch.Tensor, act_scale: torch.Tensor | None = None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Float8 e4m3fn quantization per row (or with the static ``act_scale``): ``(r, scale)`` with r on
-    the e4m3 grid (exact in bf16) and x ~= scale * r."""
+    the e4m3 grid (float32, or bf16 where it is exact) and x ~= scale * r."""
     x = x.contiguous().float()
-    r, scale = torch.empty_like(x), torch.empty(x.shape[0], 1)
+    r, scale = torch.empty_like(x, dtype=torch.bfloat16 if bf16 else torch.float32), torch.empty(x.shape[0], 1)
     fixed = 0.0 if act_scale is None else float(act_scale.reshape(()))
-    _lib().lowbit_float8_rows(x.data_ptr(), r.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1], fixed, 0,
+    _lib().lowbit_float8_rows(x.data_ptr(), r.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1], fixed, int(bf16),
                               torch.get_num_threads())
     return r, scale
 
 
 @float8_rows.register_fake
-def _(x, act_scale=None):
-    return torch.empty_like(x, dtype=torch.float32), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+def _(x, act_scale=None, bf16=False):
+    return torch.empty_like(x, dtype=torch.bfloat16 if bf16 else torch.float32), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 
-def _float8_linear(x, tensors, bias, row_scale=None):
-    """(x (* row_scale)) @ W^T * w_scale + bias for e4m3 weights: GEMV for few rows, bf16 GEMM above."""
-    x2d = x.reshape(-1, x.shape[-1])
+def _float8_linear(x2d, tensors, bias, row_scale=None) -> torch.Tensor:
+    """(x (* row_scale)) @ W^T * w_scale + bias, float32 (M, N), for e4m3 weights: GEMV for few rows,
+    bf16 GEMM above (x in bf16 or exact in it when row_scale is given)."""
     codes, fused_bias = tensors["qdata"].view(torch.uint8), None if bias is None else bias.detach()
-    if _rows(x) <= GEMV_ROWS_FLOAT8:  # float32 activations: the row scale goes in before the products
-        out = float8_gemv(x2d if row_scale is None else x2d * row_scale, codes, tensors["scale"], fused_bias)
-    else:  # row_scale is None or x is on the float8 grid, exact in bf16
-        out = fp8_decoded_linear(x2d, codes, tensors["scale"], row_scale, fused_bias)
-    return finish(out, x)
+    if x2d.shape[0] <= GEMV_ROWS_FLOAT8:  # float32 activations: the row scale goes in before the products
+        return float8_gemv(x2d if row_scale is None else x2d * row_scale, codes, tensors["scale"], fused_bias)
+    return fp8_decoded_linear(x2d, codes, tensors["scale"], row_scale, fused_bias)
+
+
+def _float8_rounded_linear(x, tensors, bias, act_scale=None) -> torch.Tensor:
+    """x rounded to e4m3 per token (or with the static ``act_scale``) in one pass, then the float8 weight
+    kernel with the activation scale applied per row; above the GEMV rows the rounded values come out in
+    bf16, the GEMM's input."""
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    r, row_scale = float8_rows(x2d, act_scale, x2d.shape[0] > GEMV_ROWS_FLOAT8)
+    return finish(_float8_linear(r, tensors, bias, row_scale), x)
 
 
 @register_kernel("linear", "float8", "avx512", devices=("cpu",), priority=20, granularities=("per_row", "per_tensor"),
                  qtypes=("float8_e4m3fn",), requires=native.unavailable)
 def float8_weight_avx512(x, tensors, meta, bias):
     """Weight-only float8 e4m3fn: GEMV for small M, exact bf16 decode + bf16 GEMM above."""
-    return _straight_through(_float8_linear(x, tensors, bias), x, bias, (tensors, meta))
+    out = finish(_float8_linear(x.reshape(-1, x.shape[-1]), tensors, bias), x)
+    return _straight_through(out, x, bias, (tensors, meta))
 
 
 @register_kernel("linear", "float8_dynamic", "avx512", devices=("cpu",), priority=20,
@@ -262,11 +270,11 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
     """Activations quantized to float8 per token in one fused pass (per tensor: as the reference
     path does), then the float8 weight kernel with the activation scale applied per row."""
     if meta["activation"].granularity != "per_token" or meta["activation"].qtype != "float8_e4m3fn":
-        out = _float8_linear(fake_quantize_activation(x.detach(), meta["activation"]), tensors, bias)
+        xq = fake_quantize_activation(x.detach(), meta["activation"])
+        out = finish(_float8_linear(xq.reshape(-1, x.shape[-1]), tensors, bias), x)
     else:
-        r, row_scale = float8_rows(x.detach().reshape(-1, x.shape[-1]))
-        out = _float8_linear(r.reshape(x.shape), tensors, bias, row_scale)
-    return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
+        out = _float8_rounded_linear(x, tensors, bias)
+    return _straight_through(out, x, bias, (tensors, meta))
 
 
 @register_kernel("linear", "int8_static", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
@@ -287,9 +295,8 @@ def float8_static_avx512(x, tensors, meta, bias):
     if meta["activation"].qtype != "float8_e4m3fn":
         raise NotImplementedError(f"the avx512 float8 kernel takes e4m3fn activations; received {meta['activation'].qtype}")
     smooth = tensors.get("act_smooth")
-    xs = x.detach() if smooth is None else x.detach() / smooth.to(x.dtype)
-    r, row_scale = float8_rows(xs.reshape(-1, x.shape[-1]), tensors["act_scale"])
-    out = _float8_linear(r.reshape(x.shape), tensors, bias, row_scale)
+    xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
+    out = _float8_rounded_linear(xs, tensors, bias, tensors["act_scale"])
     return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
 
 
