@@ -163,11 +163,12 @@ def quantize_cost(echo: Echo) -> dict:
 
 
 def bench_compile(quick: bool, echo: Echo) -> list[dict]:
-    """torch.compile of each quantized linear (4096 -> 11008) and of quantized MiniLM vs eager mode."""
+    """torch.compile of each quantized linear (4096 -> 11008) and of quantized MiniLM vs eager mode, with
+    the float model (config None) beside them: torch.compile's own per-call cost shows on it too."""
     results = []
-    for config in CONFIGS:
+    for config in [None, *CONFIGS]:
         torch.manual_seed(0)
-        model = lowbit.quantize_(nn.Sequential(nn.Linear(4096, 11008, bias=False)), config)
+        model = _quantized(nn.Sequential(nn.Linear(4096, 11008, bias=False)), config)
         torch._dynamo.reset()
         compiled = torch.compile(model)
         for m in ([1, 128] if quick else [1, 32, 128]):
@@ -190,9 +191,8 @@ def bench_minilm_compile(quick: bool, echo: Echo) -> list[dict]:
     batch = tokenizer(" ".join(stdlib_sentences(40, offset=256)), padding="max_length", truncation=True, max_length=128,
                       return_tensors="pt")
     results = []
-    for name in MINILM_COMPILE_CONFIGS[:1] if quick else MINILM_COMPILE_CONFIGS:
-        config = config_from_name(name)
-        model = lowbit.quantize_(copy.deepcopy(base), config)
+    for config in [None, *map(config_from_name, MINILM_COMPILE_CONFIGS[:1] if quick else MINILM_COMPILE_CONFIGS)]:
+        model = _quantized(copy.deepcopy(base), config)
         torch._dynamo.reset()
         compiled = torch.compile(model)
         eager_ms = median_ms(lambda: model(**batch), budget_s=2.0)
@@ -201,11 +201,15 @@ def bench_minilm_compile(quick: bool, echo: Echo) -> list[dict]:
     return results
 
 
+def _quantized(model: nn.Module, config) -> nn.Module:
+    return model if config is None else lowbit.quantize_(model, config)
+
+
 def _compile_row(model: str, config, size: str, eager_ms: float, compiled_ms: float, echo: Echo) -> dict:
-    echo(f"compile {model:<18} {config.label():<36} {size:<8} eager {eager_ms:8.3f} ms compiled {compiled_ms:8.3f} ms "
+    label = "fp32" if config is None else config.label()
+    echo(f"compile {model:<18} {label:<36} {size:<8} eager {eager_ms:8.3f} ms compiled {compiled_ms:8.3f} ms "
          f"({eager_ms / compiled_ms:.2f}x)")
-    return dict(model=model, method=config.label(), size=size, eager_ms=eager_ms, compiled_ms=compiled_ms,
-                ratio=eager_ms / compiled_ms)
+    return dict(model=model, method=label, size=size, eager_ms=eager_ms, compiled_ms=compiled_ms, ratio=eager_ms / compiled_ms)
 
 
 def markdown(report: dict) -> str:

@@ -161,6 +161,7 @@ VBMI_TARGET static inline __attribute__((always_inline)) void decode64_bf16(__m5
 
 /* ---- float8 GEMV with table decode: one shift or mask per 16 widens the bf16 values to float32, and FMAs
  * take the float32 activations as they are (exact products, as F.linear). ---- */
+#define WEIGHT_ROWS 4 /* weight rows per tile: more loads in flight for few activation rows */
 
 /* Per 16-byte lane l of a 64-code block the interleaves yield codes 16l..16l+7 (first vector) and
  * 16l+8..16l+15 (second); widening takes a vector's even 16-bit elements, then its odd ones. Activations
@@ -177,7 +178,7 @@ VBMI_TARGET static inline __attribute__((always_inline)) void fp8_table_tile(
     int64_t blocks = K / 64;
     __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000);
     const int P = rows * nr > 4 ? 2 : 4; /* accumulators per output: enough independent FMA chains, in registers */
-    __m512 acc[MAX_SMALL_ROWS][ROWS][4];
+    __m512 acc[MAX_SMALL_ROWS][WEIGHT_ROWS][4];
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < nr; j++)
             for (int p = 0; p < 4; p++) acc[r][j][p] = _mm512_setzero_ps();
@@ -197,12 +198,11 @@ VBMI_TARGET static inline __attribute__((always_inline)) void fp8_table_tile(
     for (int j = 0; j < nr; j++) {
         int64_t n = n0 + j;
         for (int r = 0; r < rows; r++) {
-            int64_t m = r;
             __m512 *c = acc[r][j];
             float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3])));
-            for (int64_t k = blocks * 64; k < K; k++) sum += x[m * K + k] * decode_e4m3_scalar(w[n * K + k]);
+            for (int64_t k = blocks * 64; k < K; k++) sum += x[r * K + k] * decode_e4m3_scalar(w[n * K + k]);
             float out = sum * scale[n];
-            y[m * N + n] = bias ? out + bias[n] : out;
+            y[r * N + n] = bias ? out + bias[n] : out;
         }
     }
 }
@@ -222,15 +222,15 @@ VBMI_TARGET void lowbit_fp8_gemv_table(const float *x, const uint8_t *w, const f
             for (int64_t k = 0; k + 64 <= K; k += 64)
                 for (int j = 0; j < 64; j++) a[m * K + k + j] = x[m * K + k + order[j]];
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < (N + ROWS - 1) / ROWS; p++) { /* weight rows 4p .. 4p + 3 */
-            int64_t n0 = ROWS * p, nrows = N - n0 < ROWS ? N - n0 : ROWS;
+        for (int64_t p = 0; p < (N + WEIGHT_ROWS - 1) / WEIGHT_ROWS; p++) { /* weight rows 4p .. 4p + 3 */
+            int64_t n0 = WEIGHT_ROWS * p, nrows = N - n0 < WEIGHT_ROWS ? N - n0 : WEIGHT_ROWS;
             for (int64_t m0 = 0; m0 < M; m0 += MAX_SMALL_ROWS) { /* callers pass M <= 8: one pass */
                 int64_t rows = M - m0 < MAX_SMALL_ROWS ? M - m0 : MAX_SMALL_ROWS;
 #define FP8_TILE(n, nr, rows) fp8_table_tile(x + m0 * K, w, scale, bias, a + m0 * K, y + m0 * N, n, nr, rows, N, K, table)
-                if (nrows == ROWS && rows == 1) FP8_TILE(n0, 4, 1); /* more weight rows in flight for few activation rows */
-                else if (nrows == ROWS && rows == 2) { FP8_TILE(n0, 2, 2); FP8_TILE(n0 + 2, 2, 2); }
-                else if (nrows == ROWS && rows == 3) { FP8_TILE(n0, 2, 3); FP8_TILE(n0 + 2, 2, 3); }
-                else if (nrows == ROWS && rows == 4) { FP8_TILE(n0, 2, 4); FP8_TILE(n0 + 2, 2, 4); }
+                if (nrows == WEIGHT_ROWS && rows == 1) FP8_TILE(n0, 4, 1); /* more weight rows in flight for few activation rows */
+                else if (nrows == WEIGHT_ROWS && rows == 2) { FP8_TILE(n0, 2, 2); FP8_TILE(n0 + 2, 2, 2); }
+                else if (nrows == WEIGHT_ROWS && rows == 3) { FP8_TILE(n0, 2, 3); FP8_TILE(n0 + 2, 2, 3); }
+                else if (nrows == WEIGHT_ROWS && rows == 4) { FP8_TILE(n0, 2, 4); FP8_TILE(n0 + 2, 2, 4); }
                 else /* each weight block decoded once for all rows */
                     for (int64_t n = n0; n < n0 + nrows; n++) switch (rows) {
                         case 1: FP8_TILE(n, 1, 1); break;
