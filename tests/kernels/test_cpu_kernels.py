@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.kernels import avx512, native
 from lowbit.primitives import choose_qparams, quantize
+from lowbit.primitives.packing import unpack_int4
 from lowbit.kernels.registry import select_kernel
 from lowbit.tensors import DynamicActivationTensor
 
@@ -88,6 +89,25 @@ def test_float8_gemv_decodes_every_code_exactly(monkeypatch, table_decode):
         expected = x.double() @ (values * scale.double()[:, None]).T + bias.double()
         got = avx512.float8_gemv(x, codes, scale, bias)
         assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+
+
+@needs_native
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_bf16_decode_is_bit_exact(group_size, symmetric):
+    """The table decode equals (q - zero) * scale rounded to bf16, for every group size, signed and unsigned
+    codes, and a K that ends half-way through a 64-code step (K = 96 * 7 when the group allows it)."""
+    k = 96 * 7 if 672 % group_size == 0 else 768
+    q = lowbit.Int4WeightOnly(group_size=group_size, symmetric=symmetric).quantize_weight(torch.randn(5, k), "w")
+    packed, scale = q.qdata.contiguous(), q.scale.float().contiguous()
+    zero = None if symmetric else q.zero_point.contiguous()
+    codes = unpack_int4(packed, signed=symmetric).float()
+    groups = lambda t: t.float().repeat_interleave(group_size, dim=-1)  # noqa: E731
+    expected = ((codes - (0 if zero is None else groups(zero))) * groups(scale)).to(torch.bfloat16)
+    out = torch.empty(5, k, dtype=torch.bfloat16)
+    native.library().lowbit_int4_rows_to_bf16(packed.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
+                                              out.data_ptr(), k, group_size, 0, 5, 2)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
 @needs_native
