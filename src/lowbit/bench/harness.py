@@ -38,6 +38,8 @@ LINEAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in_features, ou
 ROWS = [1, 8, 32, 128, 512]
 ALL_CONFIGS = [config_from_name(name) for name in NAMED_CONFIGS]  # one of each, with its defaults
 CONFIGS = [c for c in ALL_CONFIGS if not isinstance(c, lowbit.configs.STATIC_CONFIGS)]
+# opt-in kernels measured beside the defaults (in the linear and MiniLM tables only)
+OPT_IN_CONFIGS = [lowbit.Int8WeightOnly(kernel="onednn"), lowbit.Int8DynamicActivation(kernel="onednn")]
 STATIC_CONFIGS = [c for c in ALL_CONFIGS if isinstance(c, lowbit.configs.STATIC_CONFIGS)]
 
 
@@ -72,7 +74,7 @@ def variants(calibration):
     """(name, make(model) -> model) for fp32, bf16, lowbit configs and installed peers."""
     yield "fp32", lambda m: m
     yield "bf16", lambda m: m.to(torch.bfloat16)
-    for config in CONFIGS + STATIC_CONFIGS:
+    for config in CONFIGS + OPT_IN_CONFIGS + STATIC_CONFIGS:
         yield f"lowbit {config.label()}", lambda m, c=config: lowbit_quantize(m, c, calibration)
     for name, make in PEERS():
         yield name, make

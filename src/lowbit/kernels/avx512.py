@@ -138,7 +138,8 @@ def _offset_ptr(t: torch.Tensor | None, start: int):
 def _epilogue(acc, acc_hi, x_scale, offset, row_sums, w_scale, bias, threads) -> torch.Tensor:
     out = torch.empty(acc.shape, dtype=torch.float32)
     _lib().lowbit_int32_epilogue(acc.data_ptr(), _ptr(acc_hi), x_scale.data_ptr(), _ptr(offset), row_sums.data_ptr(),
-                                 w_scale.data_ptr(), _ptr(bias), out.data_ptr(), acc.shape[0], acc.shape[1], threads)
+                                 w_scale.data_ptr(), _ptr(bias), out.data_ptr(), acc.shape[0], acc.shape[1],
+                                 int(acc.dtype == torch.float32), threads)
     return out
 
 
@@ -186,7 +187,7 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Ten
     if m <= GEMV_ROWS_INT8:
         return _int8_small(x, weight, w_scale, row_sums, bias, 0)
     halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
-    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, threads)
+    _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, 0, threads)
     w_t = weight.t()
     return _epilogue(torch._int_mm(halves[1], w_t), torch._int_mm(halves[0], w_t), x_scale, None, row_sums, w_scale, bias, threads)
 

@@ -69,9 +69,9 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     lib.lowbit_int8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, i32]
     lib.lowbit_quantize_rows_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32, i32, f32, f32, i32]
-    lib.lowbit_int32_epilogue.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32]
+    lib.lowbit_int32_epilogue.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32]
     lib.lowbit_bf16_epilogue.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
-    lib.lowbit_split_rows_16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32]
+    lib.lowbit_split_rows_16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32, i32]
     lib.lowbit_int4_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     lib.lowbit_float8_rows.argtypes = [ptr, ptr, ptr, i64, i64, f32, i32, i32]
     for fn in (lib.lowbit_fp8_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_int8_linear_small,

@@ -52,10 +52,12 @@ void lowbit_quantize_rows_int8(const float *x, int8_t *q, float *scale, float *z
         quantize_row_int8(x + m * K, q + m * K, scale + m, zero + m, K, symmetric, offset128, fixed_scale, fixed_zero);
 }
 
-/* split_row_16 for every row of x (M, K), signed halves (for oneDNN's int8 GEMM). */
-void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int threads) {
+/* split_row_16 for every row of x (M, K): signed halves (torch._int_mm), or uint8 + 128 with offset128
+ * (oneDNN's u8s8 GEMM). */
+void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int offset128,
+                          int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) split_row_16(x + m * K, hi + m * K, lo + m * K, scale + m, K, 0);
+    for (int64_t m = 0; m < M; m++) split_row_16(x + m * K, hi + m * K, lo + m * K, scale + m, K, offset128);
 }
 
 /* Small-batch int8 linear in one call (M <= 8): y[m, n] = (acc - offset[m] * colsum[n]) * x_scale[m] *

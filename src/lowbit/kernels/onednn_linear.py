@@ -1,0 +1,123 @@
+"""Int8 linears on oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), opt-in
+with ``kernel="onednn"``.
+
+At quantize/load time the int8 weight is also reordered into oneDNN's blocked layout
+(``qlinear_prepack``): calls skip the per-call weight reorder ``torch._int_mm`` pays, and oneDNN
+picks its AMX/VNNI GEMM for every batch size. The price is a second copy of the int8 weight (the
+canonical one stays for files, views and the one-row GEMV), so ``kernel="auto"`` keeps the
+memory-lean ``avx512`` kernel.
+
+Each call quantizes activations per token in one pass as uint8 q + 128 (the 16-bit split for
+weight-only int8: both halves as rows of one GEMM), oneDNN returns the exact integer products as
+float32 (input scale 1, zero point 128, unit weight scales), and one fused pass applies the zero
+point correction, both scales and the bias. One or two activation rows take the ``avx512`` GEMV,
+and weights under ``PACK_MIN_WEIGHTS`` elements are not packed: they take the ``avx512`` kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import native
+from .avx512 import _epilogue, _int8_args, int8_activation_linear, int8_dynamic_avx512, int8_weight_linear
+from .cpu import _straight_through, finish, needs_vnni, weight_colsum
+from .ops import custom_op
+from .registry import register_kernel
+
+
+def _requires(device_type: str) -> str | None:
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return "needs torch.ops.onednn.qlinear_pointwise (PyTorch built with oneDNN)"
+    return needs_vnni(device_type) or native.unavailable(device_type)
+
+
+PACK_MIN_WEIGHTS = 1 << 20  # below this, oneDNN's per-call cost (~50 us) exceeds the weight reorder it saves
+GEMV_ROWS = 2  # rows up to which the avx512 GEMV beats oneDNN's GEMM on a packed weight (measured: 4096x4096)
+
+
+def _pack(tensors, meta) -> dict:
+    weight = tensors["qdata"]  # (N, K) int8, per-row scales
+    if weight.numel() < PACK_MIN_WEIGHTS:  # small weights keep the avx512 path and no second copy
+        return weight_colsum(tensors, meta)
+    packed = torch.ops.onednn.qlinear_prepack(weight, [1, weight.shape[1]])  # layout independent of the batch
+    return {"packed": packed, **weight_colsum(tensors, meta)}
+
+
+@functools.cache
+def _unit(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight scales of 1 and zero points of 0: oneDNN returns the raw integer products."""
+    with torch.inference_mode(False):
+        return torch.ones(n), torch.zeros(n, dtype=torch.int64)
+
+
+def _products(q: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """sum_k (q[m, k] - 128) * w[n, k] as float32 (M, N), for uint8 q."""
+    ones, zeros = _unit(n)
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+
+
+@custom_op("lowbit::int8_onednn_linear")
+def int8_onednn_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
+                       bias: torch.Tensor | None, mode: int, act_scale: torch.Tensor | None = None,
+                       act_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 linear, float32 (M, N), on a prepacked weight. ``mode``: 0 weight-only (16-bit activation
+    split), 1 / 2 int8 activations per token (symmetric / asymmetric), or with the static ``act_scale``."""
+    x = x.contiguous().float()
+    (m, k), n, threads, lib = x.shape, row_sums.shape[0], torch.get_num_threads(), native.library()
+    x_scale = torch.empty(m)
+    if mode == 0:
+        halves = torch.empty(2 * m, k, dtype=torch.uint8)  # hi rows, then lo rows
+        lib.lowbit_split_rows_16(x.data_ptr(), halves[:m].data_ptr(), halves[m:].data_ptr(), x_scale.data_ptr(), m, k, 1, threads)
+        acc = _products(halves, packed, n)
+        return _epilogue(acc[m:], acc[:m], x_scale, None, row_sums, w_scale, bias, threads)
+    q, zero = torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
+    fixed_scale = 0.0 if act_scale is None else float(act_scale.reshape(()))
+    fixed_zero = 0.0 if act_zero is None else float(act_zero.reshape(()))
+    lib.lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k, int(mode == 1), 1,
+                                  fixed_scale, fixed_zero, threads)
+    return _epilogue(_products(q, packed, n), None, x_scale, None if mode == 1 else zero, row_sums, w_scale, bias, threads)
+
+
+@int8_onednn_linear.register_fake
+def _(x, packed, w_scale, row_sums, bias, mode, act_scale=None, act_zero=None):
+    return x.new_empty(x.shape[0], row_sums.shape[0], dtype=torch.float32)
+
+
+def _linear(x, tensors, bias, mode: int, act_scale=None, act_zero=None):
+    x2d, weight, w_scale, row_sums, bias32 = _int8_args(x, tensors, bias)
+    if x2d.shape[0] <= GEMV_ROWS or tensors.get("packed") is None:
+        out = (int8_weight_linear(x2d, weight, w_scale, row_sums, bias32) if mode == 0 else
+               int8_activation_linear(x2d, weight, w_scale, row_sums, bias32, mode == 1, act_scale, act_zero))
+    else:
+        out = int8_onednn_linear(x2d, tensors["packed"], w_scale, row_sums, bias32, mode, act_scale, act_zero)
+    return finish(out, x)
+
+
+_REGISTER = dict(devices=("cpu",), priority=15, granularities=("per_row",), requires=_requires, pack=_pack)
+
+
+@register_kernel("linear", "int8", "onednn", **_REGISTER)
+def int8_weight_onednn(x, tensors, meta, bias):
+    """Weight-only int8 on a 16-bit activation split, prepacked oneDNN GEMM."""
+    return _straight_through(_linear(x, tensors, bias, 0), x, bias, (tensors, meta))
+
+
+@register_kernel("linear", "int8_dynamic", "onednn", **_REGISTER)
+def int8_dynamic_onednn(x, tensors, meta, bias):
+    """Dynamic per-token int8, prepacked oneDNN GEMM (per-tensor activations: the ``avx512`` kernel)."""
+    act = meta["activation"]
+    if act.granularity != "per_token":
+        return int8_dynamic_avx512(x, tensors, meta, bias)
+    return _straight_through(_linear(x, tensors, bias, 1 if act.symmetric else 2), x, bias, (tensors, meta))
+
+
+@register_kernel("linear", "int8_static", "onednn", **_REGISTER)
+def int8_static_onednn(x, tensors, meta, bias):
+    """Static int8 (calibrated per-tensor scale and zero point), prepacked oneDNN GEMM."""
+    smooth = tensors.get("act_smooth")
+    xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
+    mode = 1 if meta["activation"].symmetric else 2
+    out = _linear(xs, tensors, bias, mode, tensors["act_scale"], tensors.get("act_zero_point"))
+    return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))

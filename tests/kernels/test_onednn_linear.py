@@ -1,0 +1,93 @@
+"""The opt-in oneDNN int8 linear: the same integer math as the avx512 kernels, on a weight packed once."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.kernels import onednn_linear
+from lowbit.kernels.registry import select_kernel
+
+pytestmark = pytest.mark.skipif(onednn_linear._requires("cpu") is not None,
+                                reason=f"onednn linear kernel: {onednn_linear._requires('cpu')}")
+
+CONFIGS = [
+    lambda kernel: lowbit.Int8WeightOnly(kernel=kernel),
+    lambda kernel: lowbit.Int8DynamicActivation(kernel=kernel),
+    lambda kernel: lowbit.Int8DynamicActivation(act_symmetric=True, kernel=kernel),
+]
+
+
+@pytest.fixture
+def pack_small(monkeypatch):
+    """Pack the small test weights too (real models pack only weights of 2^20 elements or more)."""
+    monkeypatch.setattr(onednn_linear, "PACK_MIN_WEIGHTS", 0)
+
+
+@pytest.mark.parametrize("make", CONFIGS, ids=lambda make: make("onednn").label())
+def test_onednn_linear_equals_the_avx512_kernel(make, pack_small):
+    weight, bias = torch.randn(96, 160) / 160**0.5, torch.randn(96)
+    fast, lean = make("onednn").quantize_weight(weight, "w"), make("auto").quantize_weight(weight, "w")
+    inner = getattr(fast, "weight", fast)
+    assert inner.packed.layout == torch._mkldnn and inner.packed_for is not None
+    for rows in (1, 2, 3, 9, 40):  # the GEMV up to two rows, oneDNN's GEMM above
+        x = torch.randn(rows, 160) * torch.linspace(0.1, 4, 160)
+        torch.testing.assert_close(F.linear(x, fast, bias), F.linear(x, lean, bias), rtol=0, atol=0)
+    x = torch.randn(2, 5, 160)
+    torch.testing.assert_close(F.linear(x, fast, bias), F.linear(x, lean, bias), rtol=0, atol=0)
+
+
+def test_auto_keeps_the_lean_kernel_and_small_weights_stay_unpacked():
+    assert select_kernel("linear", "int8_dynamic", "cpu", "auto", "per_row/int8").name == "avx512"
+    assert select_kernel("linear", "int8_dynamic", "cpu", "onednn", "per_row/int8").name == "onednn"
+    small = lowbit.Int8WeightOnly(kernel="onednn").quantize_weight(torch.randn(32, 64), "w")
+    assert small.packed is None and small.packed_aux is not None  # no second copy below PACK_MIN_WEIGHTS
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(F.linear(x, small), F.linear(x, lowbit.Int8WeightOnly().quantize_weight(small.dequantize(), "w")),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_static_int8_on_onednn_equals_avx512(pack_small):
+    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    calibration = [torch.randn(8, 64) for _ in range(4)]
+    models = []
+    for kernel in ("onednn", "auto"):
+        quantized = lowbit.prepare(copy.deepcopy(model), lowbit.StaticInt8(kernel=kernel))
+        lowbit.calibrate(quantized, calibration, progress=False)
+        models.append(lowbit.convert(quantized))
+    x = torch.randn(11, 64) * 1.5
+    with torch.inference_mode():
+        torch.testing.assert_close(models[0](x), models[1](x), rtol=0, atol=0)
+
+
+def test_packed_linear_survives_deepcopy_pickle_state_dict_and_bf16(pack_small):
+    torch.manual_seed(0)
+    model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)),
+                             lowbit.Int8DynamicActivation(kernel="onednn"))
+    x = torch.randn(6, 64)
+    expected = model(x)
+    assert torch.equal(copy.deepcopy(model)(x), expected)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone(x), expected)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert (half(x.bfloat16()).float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_onednn_linear_compiles_and_exports(pack_small):
+    model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 32)), lowbit.Int8WeightOnly(kernel="onednn"))
+    x = torch.randn(4, 64)
+    torch._dynamo.reset()
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+    program = torch.export.export(model.requires_grad_(False), (x,))
+    assert any("int8_onednn_linear" in str(node.target) for node in program.graph.nodes)
+    torch.testing.assert_close(program.module()(x), model(x))
