@@ -111,6 +111,24 @@ def test_int4_bf16_decode_is_bit_exact(group_size, symmetric):
 
 
 @needs_native
+@pytest.mark.parametrize("config", [lowbit.Int8WeightOnly(), lowbit.Int8DynamicActivation(),
+                                    lowbit.Int8DynamicActivation(act_symmetric=True)], ids=lambda c: c.label())
+def test_int8_amx_tiles_equal_the_vnni_gemv(monkeypatch, config):
+    """37 weight rows: two 16-row AMX tiles and five rows left to the VNNI loop; K a multiple of 64."""
+    if not native.amx_ready():
+        pytest.skip("no AMX tiles here")
+    q = config.quantize_weight(torch.randn(37, 256), "w")
+    bias = torch.randn(37)
+    for rows in range(1, avx512.GEMV_ROWS_INT8 + 1):
+        x = torch.randn(rows, 256) * torch.linspace(0.1, 4, 256)
+        tiles = F.linear(x, q, bias)
+        monkeypatch.setattr(native, "amx_ready", lambda: False)
+        vnni = F.linear(x, q, bias)
+        monkeypatch.undo()
+        assert torch.equal(tiles, vnni)
+
+
+@needs_native
 def test_native_ops_compile_and_export():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
     lowbit.quantize_(model, lowbit.Float8WeightOnly())

@@ -34,7 +34,7 @@ def test_onednn_linear_equals_the_avx512_kernel(make, pack_small):
     fast, lean = make("onednn").quantize_weight(weight, "w"), make("auto").quantize_weight(weight, "w")
     inner = getattr(fast, "weight", fast)
     assert inner.packed.layout == torch._mkldnn and inner.packed_for is not None
-    for rows in (1, 2, 3, 9, 40):  # the GEMV up to two rows, oneDNN's GEMM above
+    for rows in (1, 2, 3, 9, 40):  # lowbit's one-call kernel for few rows, oneDNN's GEMM above
         x = torch.randn(rows, 160) * torch.linspace(0.1, 4, 160)
         torch.testing.assert_close(F.linear(x, fast, bias), F.linear(x, lean, bias), rtol=0, atol=0)
     x = torch.randn(2, 5, 160)
@@ -84,7 +84,7 @@ def test_packed_linear_survives_deepcopy_pickle_state_dict_and_bf16(pack_small):
 
 def test_onednn_linear_compiles_and_exports(pack_small):
     model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 32)), lowbit.Int8WeightOnly(kernel="onednn"))
-    x = torch.randn(4, 64)
+    x = torch.randn(12, 64)  # above the rows the one-call kernel takes
     torch._dynamo.reset()
     with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))

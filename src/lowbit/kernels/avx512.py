@@ -148,7 +148,8 @@ def _int8_small(x, weight, w_scale, row_sums, bias, mode: int, fixed_scale=0.0, 
     (m, k), n = x.shape, weight.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
     _lib().lowbit_int8_linear_small(x.data_ptr(), weight.data_ptr(), w_scale.data_ptr(), row_sums.data_ptr(), _ptr(bias),
-                                    out.data_ptr(), m, n, k, mode, fixed_scale, fixed_zero, torch.get_num_threads())
+                                    out.data_ptr(), m, n, k, mode, fixed_scale, fixed_zero, int(native.amx_ready()),
+                                    torch.get_num_threads())
     return out
 
 

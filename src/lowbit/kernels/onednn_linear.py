@@ -10,8 +10,9 @@ memory-lean ``avx512`` kernel.
 Each call quantizes activations per token in one pass as uint8 q + 128 (the 16-bit split for
 weight-only int8: both halves as rows of one GEMM), oneDNN returns the exact integer products as
 float32 (input scale 1, zero point 128, unit weight scales), and one fused pass applies the zero
-point correction, both scales and the bias. One or two activation rows take the ``avx512`` GEMV,
-and weights under ``PACK_MIN_WEIGHTS`` elements are not packed: they take the ``avx512`` kernels.
+point correction, both scales and the bias. Few activation rows take the ``avx512`` one-call kernel
+(up to 8 with AMX, else 2), and weights under ``PACK_MIN_WEIGHTS`` elements are not packed: they
+take the ``avx512`` kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import functools
 import torch
 
 from . import native
-from .avx512 import _epilogue, _int8_args, int8_activation_linear, int8_dynamic_avx512, int8_weight_linear
+from .avx512 import GEMV_ROWS_INT8, _epilogue, _int8_args, int8_activation_linear, int8_dynamic_avx512, int8_weight_linear
 from .cpu import _straight_through, finish, needs_vnni, weight_colsum
 from .ops import custom_op
 from .registry import register_kernel
@@ -34,7 +35,12 @@ def _requires(device_type: str) -> str | None:
 
 
 PACK_MIN_WEIGHTS = 1 << 20  # below this, oneDNN's per-call cost (~50 us) exceeds the weight reorder it saves
-GEMV_ROWS = 2  # rows up to which the avx512 GEMV beats oneDNN's GEMM on a packed weight (measured: 4096x4096)
+GEMV_ROWS = 2  # rows up to which the VNNI GEMV beats oneDNN's GEMM on a packed weight (measured: 4096x4096)
+
+
+def _small_rows() -> int:
+    """Rows that take lowbit's one-call kernel: with AMX tiles it beats oneDNN's GEMM up to its limit."""
+    return GEMV_ROWS_INT8 if native.amx_ready() else GEMV_ROWS
 
 
 def _pack(tensors, meta) -> dict:
@@ -87,7 +93,7 @@ def _(x, packed, w_scale, row_sums, bias, mode, act_scale=None, act_zero=None):
 
 def _linear(x, tensors, bias, mode: int, act_scale=None, act_zero=None):
     x2d, weight, w_scale, row_sums, bias32 = _int8_args(x, tensors, bias)
-    if x2d.shape[0] <= GEMV_ROWS or tensors.get("packed") is None:
+    if x2d.shape[0] <= _small_rows() or tensors.get("packed") is None:
         out = (int8_weight_linear(x2d, weight, w_scale, row_sums, bias32) if mode == 0 else
                int8_activation_linear(x2d, weight, w_scale, row_sums, bias32, mode == 1, act_scale, act_zero))
     else:

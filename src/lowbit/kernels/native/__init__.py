@@ -67,7 +67,9 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.lowbit_fp8_gemv_table.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_fp8_rows_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i32]
     lib.lowbit_int4_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
-    lib.lowbit_int8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, i32]
+    lib.lowbit_int8_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, i32, i32]
+    lib.lowbit_amx_enable.argtypes = []
+    lib.lowbit_amx_enable.restype = ctypes.c_int
     lib.lowbit_quantize_rows_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i32, i32, f32, f32, i32]
     lib.lowbit_int32_epilogue.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32]
     lib.lowbit_bf16_epilogue.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
@@ -91,6 +93,17 @@ def library() -> ctypes.CDLL | None:
 def has_table_decode() -> bool:
     """Whether this CPU runs the float8 GEMV that decodes by byte-table lookup (AVX512-VBMI)."""
     return all(flag in cpu_flags() for flag in TABLE_DECODE_FLAGS)
+
+
+AMX_FLAGS = ("amx_tile", "amx_int8")
+
+
+def amx_ready() -> bool:
+    """Whether the int8 kernels may use AMX tiles here: the CPU has AMX-INT8 and Linux granted the tile state."""
+    if "amx" not in _state:
+        lib = library()
+        _state["amx"] = lib is not None and all(f in cpu_flags() for f in AMX_FLAGS) and lib.lowbit_amx_enable() == 0
+    return _state["amx"]
 
 
 def unavailable(device_type: str = "cpu") -> str | None:

@@ -1,6 +1,9 @@
 /* Int8 kernels: dynamic activation quantization, int32 epilogues and the fused small-batch linear. */
 #include "common.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 /* Dynamic int8 quantization of one row of K floats, the same formulas as lowbit.primitives.affine:
  * symmetric: scale = max|x| / 127; asymmetric: scale = (max(x,0) - min(x,0)) / 255,
  * zero = clamp(-128 - round(min(x,0) / scale)); q = clamp(round(x / scale) + zero, -128, 127).
@@ -60,20 +63,105 @@ void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, 
     for (int64_t m = 0; m < M; m++) split_row_16(x + m * K, hi + m * K, lo + m * K, scale + m, K, offset128);
 }
 
+/* y[m, n0 + j] for j < nrows from acc[j * ldc + c] (c: activation row; hi rows, then lo rows when split). */
+static inline void small_epilogue(const int32_t *acc, int ldc, int64_t n0, int nrows, int64_t M, int split,
+                                  const float *offset, const float *x_scale, const float *colsum, const float *w_scale,
+                                  const float *bias, float *y, int64_t N) {
+    for (int64_t m = 0; m < M; m++)
+        for (int j = 0; j < nrows; j++) {
+            int64_t n = n0 + j;
+            const int32_t *c = acc + j * ldc;
+            double sum = split ? 256.0 * c[m] + c[M + m] : (double)c[m];
+            float out = (float)(sum - (double)offset[m] * colsum[n]) * (x_scale[m] * w_scale[n]);
+            y[m * N + n] = bias ? out + bias[n] : out;
+        }
+}
+
+/* ---- AMX (Sapphire Rapids and later): 16 weight rows x all activation rows per tile product ----
+ * A tile: 16 weight rows x 64 k, loaded straight from the canonical (N, K) weight (row stride K); B tile:
+ * the activations for those 64 k in the VNNI layout (row r holds k 4r..4r+3 of every activation row),
+ * built once per call; tdpbsud (signed weights x unsigned activations) accumulates into two C tiles,
+ * alternating k blocks. Linux hands out the tile state only on request (lowbit_amx_enable). */
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni")))
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* 0 when this process may use AMX tiles (asks Linux for the XTILEDATA state), else the syscall's -1. */
+int lowbit_amx_enable(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */); }
+
+AMX_TARGET static void amx_configure(int R) {
+    tile_config cfg;
+    __builtin_memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 6; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = (uint16_t)(t == 2 || t == 4 ? 64 : 4 * R); /* 0, 1: C; 2, 4: A; 3, 5: B */
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* acc[j * R + c] = sum_k w[n0 + j, k] * a[c, k] for j < 16, from B tiles b (one per 64-k block). */
+AMX_TARGET static void amx_products(const int8_t *w, const uint8_t *b, int64_t n0, int64_t K, int R, int32_t *acc) {
+    int64_t blocks = K / 64, bstride = 64 * R, blk = 0;
+    const int8_t *wr = w + n0 * K;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (; blk + 1 < blocks; blk += 2) {
+        _tile_loadd(2, wr + 64 * blk, K);
+        _tile_loadd(3, b + blk * bstride, 4 * R);
+        _tile_dpbsud(0, 2, 3);
+        _tile_loadd(4, wr + 64 * (blk + 1), K);
+        _tile_loadd(5, b + (blk + 1) * bstride, 4 * R);
+        _tile_dpbsud(1, 4, 5);
+    }
+    if (blk < blocks) {
+        _tile_loadd(2, wr + 64 * blk, K);
+        _tile_loadd(3, b + blk * bstride, 4 * R);
+        _tile_dpbsud(0, 2, 3);
+    }
+    int32_t other[16 * 2 * MAX_SMALL_ROWS];
+    _tile_stored(0, acc, 4 * R);
+    _tile_stored(1, other, 4 * R);
+    for (int i = 0; i < 16 * R; i++) acc[i] += other[i];
+}
+
+/* The AMX pass over the full 16-row weight tiles, inside the caller's parallel region. */
+AMX_TARGET static void amx_rows(const int8_t *w, const uint8_t *a, uint8_t *b, int64_t N, int64_t K, int64_t M, int R,
+                                int split, const float *offset, const float *x_scale, const float *colsum,
+                                const float *w_scale, const float *bias, float *y) {
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < K / 64; blk++) /* B tiles: activation k-quads side by side */
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < R; c++) __builtin_memcpy(b + blk * 64 * R + r * 4 * R + 4 * c, a + c * K + 64 * blk + 4 * r, 4);
+    amx_configure(R);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N / 16; t++) {
+        int32_t acc[16 * 2 * MAX_SMALL_ROWS];
+        amx_products(w, b, 16 * t, K, R, acc);
+        small_epilogue(acc, R, 16 * t, 16, M, split, offset, x_scale, colsum, w_scale, bias, y, N);
+    }
+    _tile_release();
+}
+
 /* Small-batch int8 linear in one call (M <= 8): y[m, n] = (acc - offset[m] * colsum[n]) * x_scale[m] *
- * w_scale[n] + bias[n], where acc = sum_k a[m, k] * w[n, k] is taken with VNNI (vpdpbusd: four u8 x s8
- * products per 32-bit lane) on activations quantized here, stored as uint8 q + 128:
+ * w_scale[n] + bias[n], where acc = sum_k a[m, k] * w[n, k] on activations quantized here, stored as uint8 q + 128:
  *   mode 0 (weight-only): each row split into 16 bits, two halves, acc = 256 * acc_hi + acc_lo;
  *   mode 1 / 2: int8 per row, symmetric / asymmetric (fixed_scale > 0: the static scale and zero).
- * Four weight rows are streamed together (more memory-level parallelism than one row at a time). */
+ * Products: AMX tiles when use_amx (K a multiple of 64; the last N % 16 rows as below), else VNNI (vpdpbusd:
+ * four u8 x s8 products per 32-bit lane) streaming four weight rows together (more memory-level parallelism). */
 #define WROWS 4
 void lowbit_int8_linear_small(const float *x, const int8_t *w, const float *w_scale, const float *colsum,
                               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int mode,
-                              float fixed_scale, float fixed_zero, int threads) {
+                              float fixed_scale, float fixed_zero, int use_amx, int threads) {
     int split = mode == 0, R = split ? 2 * (int)M : (int)M; /* activation rows: hi rows, then lo rows */
     uint8_t *a = (uint8_t *)aligned_alloc(64, ((R * K + 63) / 64) * 64);
     float x_scale[MAX_SMALL_ROWS], offset[MAX_SMALL_ROWS];
-    int64_t tail = K % 64, blocks = (N + WROWS - 1) / WROWS;
+    use_amx = use_amx && K % 64 == 0 && N >= 16;
+    uint8_t *b = use_amx ? (uint8_t *)aligned_alloc(64, ((R * K + 63) / 64) * 64) : NULL;
+    int64_t vnni_from = use_amx ? N / 16 * 16 : 0, tail = K % 64, blocks = (N - vnni_from + WROWS - 1) / WROWS;
     __mmask64 tail_mask = tail ? (((__mmask64)1 << tail) - 1) : 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -88,13 +176,14 @@ void lowbit_int8_linear_small(const float *x, const int8_t *w, const float *w_sc
                 offset[m] = zero + 128.0f;
             }
         }
+        if (use_amx) amx_rows(w, a, b, N, K, M, R, split, offset, x_scale, colsum, w_scale, bias, y);
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t n0 = b * WROWS;
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            int64_t n0 = vnni_from + blk * WROWS;
             int nrows = (N - n0) < WROWS ? (int)(N - n0) : WROWS;
             const int8_t *wr[WROWS];
             for (int j = 0; j < WROWS; j++) wr[j] = w + (n0 + (j < nrows ? j : 0)) * K;
-            int32_t acc[2 * MAX_SMALL_ROWS][WROWS];
+            int32_t acc[WROWS][2 * MAX_SMALL_ROWS];
             for (int r0 = 0; r0 < R; r0 += 4) {
                 int rows = R - r0 < 4 ? R - r0 : 4;
                 __m512i v[4][WROWS];
@@ -110,16 +199,11 @@ void lowbit_int8_linear_small(const float *x, const int8_t *w, const float *w_sc
                     }
                 }
                 for (int r = 0; r < rows; r++)
-                    for (int j = 0; j < WROWS; j++) acc[r0 + r][j] = _mm512_reduce_add_epi32(v[r][j]);
+                    for (int j = 0; j < WROWS; j++) acc[j][r0 + r] = _mm512_reduce_add_epi32(v[r][j]);
             }
-            for (int64_t m = 0; m < M; m++)
-                for (int j = 0; j < nrows; j++) {
-                    int64_t n = n0 + j;
-                    double sum = split ? 256.0 * acc[m][j] + acc[M + m][j] : (double)acc[m][j];
-                    float out = (float)(sum - (double)offset[m] * colsum[n]) * (x_scale[m] * w_scale[n]);
-                    y[m * N + n] = bias ? out + bias[n] : out;
-                }
+            small_epilogue(acc[0], 2 * MAX_SMALL_ROWS, n0, nrows, M, split, offset, x_scale, colsum, w_scale, bias, y, N);
         }
     }
+    free(b);
     free(a);
 }
