@@ -4,7 +4,7 @@ with ``kernel="onednn"``.
 At quantize/load time the int8 weight is also reordered into oneDNN's blocked layout
 (``qlinear_prepack``): calls skip the per-call weight reorder ``torch._int_mm`` pays, and oneDNN
 picks its AMX/VNNI GEMM for every batch size. The price is a second copy of the int8 weight (the
-canonical one stays for files, views and the one-row GEMV), so ``kernel="auto"`` keeps the
+canonical one stays for files, views and the few-row kernel), so ``kernel="auto"`` keeps the
 memory-lean ``avx512`` kernel.
 
 Each call quantizes activations per token in one pass as uint8 q + 128 (the 16-bit split for
