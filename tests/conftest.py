@@ -47,3 +47,35 @@ class MLP(torch.nn.Module):
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def assert_survives_copies(model, x):
+    """deepcopy, torch.save/load, load_state_dict and .to(bfloat16) keep a quantized model's outputs
+    (packed kernel layouts included)."""
+    import copy
+    import io
+
+    expected = model(x)
+    assert torch.equal(copy.deepcopy(model)(x), expected)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone(x), expected)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+    assert (half(x.bfloat16()).float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def assert_compiles_and_exports(model, x, op: str):
+    """torch.compile (fullgraph) matches eager, and torch.export of the frozen model calls lowbit op ``op``."""
+    torch._dynamo.reset()
+    # Inductor's on-disk graph cache does not key on a custom op's fake kernel: a stale entry from an older
+    # lowbit would assert the old output strides
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+    program = torch.export.export(model.requires_grad_(False), (x,))  # trainable biases take the reference path
+    assert any(op in str(node.target) for node in program.graph.nodes)
+    torch.testing.assert_close(program.module()(x), model(x))

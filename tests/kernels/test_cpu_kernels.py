@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from conftest import assert_compiles_and_exports
 from lowbit.kernels import avx512, native
 from lowbit.primitives import choose_qparams, quantize
 from lowbit.primitives.packing import unpack_int4
@@ -132,11 +133,7 @@ def test_int8_amx_tiles_equal_the_vnni_gemv(monkeypatch, config):
 def test_native_ops_compile_and_export():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
     lowbit.quantize_(model, lowbit.Float8WeightOnly())
-    x = torch.randn(2, 64)
-    torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
-    program = torch.export.export(model, (x,))
-    assert any("lowbit.float8_gemv" in str(node.target) for node in program.graph.nodes)
+    assert_compiles_and_exports(model, torch.randn(2, 64), "lowbit.float8_gemv")
 
 
 def test_unavailable_native_library_is_reported(monkeypatch):

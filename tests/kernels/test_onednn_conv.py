@@ -2,13 +2,13 @@
 float8 (exact products in bf16, within bf16 output rounding of the reference)."""
 
 import copy
-import io
 
 import pytest
 import torch
 import torch.nn as nn
 
 import lowbit
+from conftest import assert_compiles_and_exports, assert_survives_copies
 from lowbit.kernels.onednn_conv import _requires, _requires_bf16
 from lowbit.kernels.registry import select_kernel
 
@@ -72,13 +72,7 @@ def test_float8_conv_is_picked_compiles_and_exports():
     assert select_kernel("conv", "float8_static", "cpu", "auto", "per_channel/float8_e4m3fn").name == "onednn"
     torch.manual_seed(0)
     model = _static(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), (2, 3, 8, 8), lowbit.StaticFloat8())
-    x = torch.randn(2, 3, 8, 8)
-    torch._dynamo.reset()
-    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
-    program = torch.export.export(model.requires_grad_(False), (x,))  # trainable biases take the reference path
-    assert any("float8_static_conv" in str(node.target) for node in program.graph.nodes)
-    torch.testing.assert_close(program.module()(x), model(x))
+    assert_compiles_and_exports(model, torch.randn(2, 3, 8, 8), "float8_static_conv")
 
 
 def test_auto_picks_onednn_for_conv_and_reference_for_transposed():
@@ -93,19 +87,7 @@ def test_auto_picks_onednn_for_conv_and_reference_for_transposed():
 def test_packed_conv_survives_deepcopy_pickle_bf16_and_state_dict():
     torch.manual_seed(0)
     model = _static(nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), (2, 4, 10, 10), lowbit.StaticInt8())
-    x = torch.randn(2, 4, 10, 10)
-    expected = model(x)
-    assert torch.equal(copy.deepcopy(model)(x), expected)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
-    clone = copy.deepcopy(model)
-    clone.load_state_dict(model.state_dict())
-    assert torch.equal(clone(x), expected)
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    assert half(x.bfloat16()).dtype == torch.bfloat16
-    assert (half(x.bfloat16()).float() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert_survives_copies(model, torch.randn(2, 4, 10, 10))
 
 
 def test_string_padding_and_autograd_take_the_reference_path():
@@ -121,10 +103,4 @@ def test_string_padding_and_autograd_take_the_reference_path():
 def test_static_conv_compiles_and_exports():
     torch.manual_seed(0)
     model = _static(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), (2, 3, 8, 8), lowbit.StaticInt8())
-    x = torch.randn(2, 3, 8, 8)
-    torch._dynamo.reset()
-    # Inductor's on-disk graph cache does not key on a custom op's fake kernel: a stale entry from an older
-    # lowbit would assert the old output strides
-    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
-    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x))
+    assert_compiles_and_exports(model, torch.randn(2, 3, 8, 8), "int8_static_conv")

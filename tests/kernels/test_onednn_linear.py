@@ -1,7 +1,6 @@
 """The opt-in oneDNN int8 linear: the same integer math as the avx512 kernels, on a weight packed once."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowbit
+from conftest import assert_compiles_and_exports, assert_survives_copies
 from lowbit.kernels import onednn_linear
 from lowbit.kernels.registry import select_kernel
 
@@ -68,26 +68,9 @@ def test_packed_linear_survives_deepcopy_pickle_state_dict_and_bf16(pack_small):
     torch.manual_seed(0)
     model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)),
                              lowbit.Int8DynamicActivation(kernel="onednn"))
-    x = torch.randn(6, 64)
-    expected = model(x)
-    assert torch.equal(copy.deepcopy(model)(x), expected)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
-    clone = copy.deepcopy(model)
-    clone.load_state_dict(model.state_dict())
-    assert torch.equal(clone(x), expected)
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    assert (half(x.bfloat16()).float() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert_survives_copies(model, torch.randn(6, 64))
 
 
 def test_onednn_linear_compiles_and_exports(pack_small):
     model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 32)), lowbit.Int8WeightOnly(kernel="onednn"))
-    x = torch.randn(12, 64)  # above the rows the one-call kernel takes
-    torch._dynamo.reset()
-    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
-    program = torch.export.export(model.requires_grad_(False), (x,))
-    assert any("int8_onednn_linear" in str(node.target) for node in program.graph.nodes)
-    torch.testing.assert_close(program.module()(x), model(x))
+    assert_compiles_and_exports(model, torch.randn(12, 64), "int8_onednn_linear")  # above the one-call kernel's rows

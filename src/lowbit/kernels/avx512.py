@@ -81,7 +81,8 @@ def _decoded_linear(x: torch.Tensor, n: int, decode_rows, w_scale=None, row_scal
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.reshape(-1).float().contiguous()
+    """A float32 contiguous 1-D copy (or view) of ``t`` for the C kernels, outside autograd."""
+    return None if t is None else t.detach().reshape(-1).float().contiguous()
 
 
 @custom_op("lowbit::fp8_decoded_linear")

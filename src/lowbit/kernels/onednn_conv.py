@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .avx512 import _vector
 from .cpu import needs_vnni
 from .reference import _static_conv
 from .ops import custom_op
@@ -156,10 +157,6 @@ def float8_static_conv_onednn(x, tensors, meta, bias):
     out = float8_static_conv(x.detach(), tensors["qdata"].view(torch.uint8).contiguous(), tensors["scale"], _vector(bias),
                              tensors["act_scale"], *conv_args)
     return out.to(x.dtype)
-
-
-def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().reshape(-1).float().contiguous()
 
 
 def _conv_args(dims: int, args, kwargs):
