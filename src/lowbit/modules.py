@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .kernels.boundary import call_kernel
 from .kernels.registry import layout, select_kernel
 
 
@@ -55,7 +56,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = select_kernel("linear", self.scheme, x.device.type, self.meta["kernel"], layout(self.meta))
         tensors = {name: getattr(self, name) for name in self.tensor_names}
-        return kernel.fn(x, tensors, self.meta, self.bias)
+        return call_kernel(kernel, x, tensors, self.meta, self.bias)
 
     def extra_repr(self) -> str:
         block = self.meta.get("block_size")

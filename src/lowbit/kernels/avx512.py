@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .cpu import _straight_through, colsum, finish, int8_dynamic_int_mm, weight_colsum
+from .cpu import colsum, finish, int8_dynamic_int_mm, weight_colsum
 from .reference import fake_quantize_activation
 from .ops import custom_op
 from .registry import register_kernel
@@ -66,7 +66,7 @@ def _scratch(numel: int) -> torch.Tensor:
 def _decoded_linear(x: torch.Tensor, n: int, decode_rows, w_scale=None, row_scale=None, bias=None) -> torch.Tensor:
     """(M, K) @ W^T with W decoded to bf16 one cache-sized block of rows at a time, then per block one pass
     for the bf16 -> float32 widening, ``w_scale`` (N,), ``row_scale`` (M, 1) and ``bias`` -> (M, N) float32."""
-    x = x.detach().to(torch.bfloat16).contiguous()  # autograd goes through _straight_through
+    x = x.to(torch.bfloat16).contiguous()
     (m, k), threads = x.shape, torch.get_num_threads()
     rows = max(16, CHUNK_BYTES // (2 * k))
     scratch = _scratch(min(rows, n) * k).view(-1, k)
@@ -210,7 +210,7 @@ def _int8_args(x, tensors, bias):
 def int8_weight_avx512(x, tensors, meta, bias):
     """Weight-only int8 through VNNI/oneDNN integer GEMMs on a 16-bit activation split."""
     out = int8_weight_linear(*_int8_args(x, tensors, bias))
-    return _straight_through(finish(out, x, None, None), x, bias, (tensors, meta))
+    return finish(out, x, None, None)
 
 
 @register_kernel("linear", "int8_dynamic", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
@@ -221,7 +221,7 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
     if act.granularity != "per_token":
         return int8_dynamic_int_mm(x, tensors, meta, bias)
     out = int8_activation_linear(*_int8_args(x, tensors, bias), act.symmetric)
-    return _straight_through(finish(out, x, None, None), x, bias, (tensors, meta))
+    return finish(out, x, None, None)
 
 
 @custom_op("lowbit::float8_rows")
@@ -264,7 +264,7 @@ def _float8_rounded_linear(x, tensors, bias, act_scale=None) -> torch.Tensor:
 def float8_weight_avx512(x, tensors, meta, bias):
     """Weight-only float8 e4m3fn: GEMV for small M, exact bf16 decode + bf16 GEMM above."""
     out = finish(_float8_linear(x.reshape(-1, x.shape[-1]), tensors, bias), x)
-    return _straight_through(out, x, bias, (tensors, meta))
+    return out
 
 
 @register_kernel("linear", "float8_dynamic", "avx512", devices=("cpu",), priority=20,
@@ -277,7 +277,7 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
         out = finish(_float8_linear(xq.reshape(-1, x.shape[-1]), tensors, bias), x)
     else:
         out = _float8_rounded_linear(x, tensors, bias)
-    return _straight_through(out, x, bias, (tensors, meta))
+    return out
 
 
 @register_kernel("linear", "int8_static", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
@@ -288,7 +288,7 @@ def int8_static_avx512(x, tensors, meta, bias):
     xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
     out = int8_activation_linear(*_int8_args(xs, tensors, bias), meta["activation"].symmetric, tensors["act_scale"],
                                  tensors.get("act_zero_point"))
-    return _straight_through(finish(out, x, None, None), x, bias, (tensors, meta))
+    return finish(out, x, None, None)
 
 
 @register_kernel("linear", "float8_static", "avx512", devices=("cpu",), priority=20,
@@ -300,7 +300,7 @@ def float8_static_avx512(x, tensors, meta, bias):
     smooth = tensors.get("act_smooth")
     xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
     out = _float8_rounded_linear(xs, tensors, bias, tensors["act_scale"])
-    return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
+    return out.to(x.dtype)
 
 
 @custom_op("lowbit::int4_gemv")
@@ -331,4 +331,4 @@ def int4_weight_avx512(x, tensors, meta, bias):
     small = _rows(x) <= GEMV_ROWS_INT4 and x.shape[-1] % 128 == 0  # the GEMV walks k in blocks of 128
     linear = int4_gemv if small else int4_decoded_linear
     out = finish(linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), fused_bias, group), x)
-    return _straight_through(out, x, bias, (tensors, meta))
+    return out

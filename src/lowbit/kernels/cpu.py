@@ -11,7 +11,6 @@ import torch
 
 from ..primitives.affine import choose_qparams, quantize
 from .native import cpu_flags
-from .reference import dequantize_weight
 from .registry import register_kernel
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -60,18 +59,6 @@ def finish(out: torch.Tensor, x: torch.Tensor, scale=None, bias=None) -> torch.T
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _straight_through(out: torch.Tensor, x: torch.Tensor, bias, weight) -> torch.Tensor:
-    """Keep ``out``'s value; give autograd the float linear's gradients (integer GEMMs have none)."""
-    grad_bias = bias is not None and bias.requires_grad
-    if not torch.is_grad_enabled() or not (x.requires_grad or grad_bias):
-        return out
-    zero_bias = None if bias is None else bias - bias.detach()
-    w = dequantize_weight(*weight, x.dtype)
-    if "act_smooth" in weight[0]:  # y = (x / s) W'^T: d y / d x = W' / s
-        w = w / weight[0]["act_smooth"].to(w.dtype)
-    return out.detach() + torch.nn.functional.linear(x - x.detach(), w, zero_bias)
-
-
 @register_kernel("linear", "int8_dynamic", "int_mm", devices=("cpu",), priority=10,
                  granularities=("per_row",), pack=weight_colsum, requires=needs_vnni)
 def int8_dynamic_int_mm(x, tensors, meta, bias):
@@ -82,7 +69,7 @@ def int8_dynamic_int_mm(x, tensors, meta, bias):
     if x_zero is not None:
         acc = acc - x_zero * colsum(tensors)
     out = finish(acc * x_scale.float(), x, tensors["scale"], bias)
-    return _straight_through(out, x, bias, (tensors, meta))
+    return out
 
 
 def split_activation_16bit(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,4 +97,4 @@ def int8_weight_int_mm16(x, tensors, meta, bias):
     w_t = tensors["qdata"].t()
     acc = torch._int_mm(hi.to(torch.int8), w_t).float() * 256 + torch._int_mm(lo.to(torch.int8), w_t).float()
     out = finish(acc * scale, x, tensors["scale"], bias)
-    return _straight_through(out, x, bias, (tensors, meta))
+    return out

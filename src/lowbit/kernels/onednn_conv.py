@@ -94,11 +94,10 @@ def _(x, packed, w_scale, w_zero, bias, act_scale, act_zero, symmetric, stride, 
 
 def _fast_conv_args(x, meta, bias, convs=_CONVS):
     """(stride, padding, dilation, groups) when the fast kernel takes this call, else None: transposed
-    convs, string padding and autograd (straight-through gradients) take the reference path."""
+    convs and string padding take the reference path."""
     func, args, kwargs = meta["conv"]
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     stride, padding, dilation, groups = _conv_args(x.dim() - 2, args, kwargs)
-    return None if func not in convs or grad or isinstance(padding, str) else (stride, padding, dilation, groups)
+    return None if func not in convs or isinstance(padding, str) else (stride, padding, dilation, groups)
 
 
 @register_kernel("conv", "int8_static", "onednn", devices=("cpu",), priority=20, granularities=("per_channel",),

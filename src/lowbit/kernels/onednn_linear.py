@@ -23,7 +23,7 @@ import torch
 
 from . import native
 from .avx512 import GEMV_ROWS_INT8, _epilogue, _int8_args, int8_activation_linear, int8_dynamic_avx512, int8_weight_linear
-from .cpu import _straight_through, finish, needs_vnni, weight_colsum
+from .cpu import finish, needs_vnni, weight_colsum
 from .ops import custom_op
 from .registry import register_kernel
 
@@ -107,7 +107,7 @@ _REGISTER = dict(devices=("cpu",), priority=15, granularities=("per_row",), requ
 @register_kernel("linear", "int8", "onednn", **_REGISTER)
 def int8_weight_onednn(x, tensors, meta, bias):
     """Weight-only int8 on a 16-bit activation split, prepacked oneDNN GEMM."""
-    return _straight_through(_linear(x, tensors, bias, 0), x, bias, (tensors, meta))
+    return _linear(x, tensors, bias, 0)
 
 
 @register_kernel("linear", "int8_dynamic", "onednn", **_REGISTER)
@@ -116,7 +116,7 @@ def int8_dynamic_onednn(x, tensors, meta, bias):
     act = meta["activation"]
     if act.granularity != "per_token":
         return int8_dynamic_avx512(x, tensors, meta, bias)
-    return _straight_through(_linear(x, tensors, bias, 1 if act.symmetric else 2), x, bias, (tensors, meta))
+    return _linear(x, tensors, bias, 1 if act.symmetric else 2)
 
 
 @register_kernel("linear", "int8_static", "onednn", **_REGISTER)
@@ -126,4 +126,4 @@ def int8_static_onednn(x, tensors, meta, bias):
     xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
     mode = 1 if meta["activation"].symmetric else 2
     out = _linear(xs, tensors, bias, mode, tensors["act_scale"], tensors.get("act_zero_point"))
-    return _straight_through(out.to(x.dtype), x, bias, (tensors, meta))
+    return out.to(x.dtype)

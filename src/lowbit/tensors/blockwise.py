@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..kernels.boundary import call_kernel
 from ..kernels.reference import dequantize_weight
 from ..kernels.registry import layout, select_kernel
 from .base import QuantizedTensor, return_view
@@ -66,7 +67,7 @@ def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, pre
     (e.g. a convolution's arguments) is added to the metadata the kernel receives."""
     tensors, meta = weight.kernel_inputs()
     kernel = select_kernel(op, weight.scheme, x.device.type, preference or _preference(op, weight), layout(meta))
-    return kernel.fn(x, tensors, {**meta, **call_meta} if call_meta else meta, bias)
+    return call_kernel(kernel, x, tensors, {**meta, **call_meta} if call_meta else meta, bias)
 
 
 def _preference(op: str, weight: QuantizedTensor) -> str:

@@ -1,0 +1,72 @@
+"""The one place where autograd meets lowbit's kernels.
+
+Kernels compute forward values only (integer GEMMs have no gradient). :func:`call_kernel` runs the
+chosen kernel and, when autograd needs a gradient, wraps the call in :class:`KernelGrad`, whose
+backward gives the input (and bias) the gradients of the float op on the dequantized weight: the
+straight-through estimate across activation and weight rounding. Forward costs the same in grad
+mode as under ``no_grad``; the dequantized weight is built only when backward runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import dequantize_weight
+from .registry import Kernel
+
+
+def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when autograd records this call: grad mode on and the input or the bias requires grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def call_kernel(kernel: Kernel, x: torch.Tensor, tensors: dict, meta: dict, bias: torch.Tensor | None):
+    """``kernel.fn(x, tensors, meta, bias)``, differentiable in ``x`` and ``bias`` when autograd asks."""
+    if needs_grad(x, bias):
+        return KernelGrad.apply(x, bias, kernel, tensors, meta)
+    return kernel.fn(x, tensors, meta, bias)
+
+
+def effective_weight(tensors: dict, meta: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight the op applies to its (un-smoothed) input: dequantized, smoothing divisors folded out."""
+    weight = dequantize_weight(tensors, meta, dtype)
+    smooth = tensors.get("act_smooth")
+    return weight if smooth is None else weight / smooth.to(dtype)
+
+
+class KernelGrad(torch.autograd.Function):
+    """Forward: the kernel alone. Backward: gradients of the float op on the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x, bias, kernel, tensors, meta):
+        ctx.kernel, ctx.tensors, ctx.meta, ctx.x_shape = kernel, tensors, meta, x.shape
+        ctx.save_for_backward(x if kernel.op == "conv" else None, bias)
+        return kernel.fn(x, tensors, meta, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bias = ctx.saved_tensors
+        weight = effective_weight(ctx.tensors, ctx.meta, grad.dtype)
+        want_x, want_bias = ctx.needs_input_grad[:2]
+        op = ctx.kernel.op
+        if op == "conv":
+            grad_x, grad_bias = _conv_grads(grad, x, weight, bias, ctx.meta["conv"], want_x, want_bias)
+        elif op == "linear":  # y (*, N) = x (*, K) @ W (N, K)^T + b
+            grad_x = (grad @ weight).reshape(ctx.x_shape) if want_x else None
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype) if want_bias else None
+        elif op == "bmm":  # y (B, M, N) = x (B, M, K) @ W (B, K, N)
+            grad_x, grad_bias = (grad @ weight.transpose(-1, -2) if want_x else None), None
+        else:
+            raise NotImplementedError(f"lowbit has no gradient for {op!r}")
+        return grad_x, grad_bias, None, None, None
+
+
+def _conv_grads(grad, x, weight, bias, conv, want_x, want_bias):
+    """Input and bias gradients of ``func(x, weight, bias, *args, **kwargs)``, by autograd on the float conv."""
+    func, args, kwargs = conv
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(want) for t, want in ((x, want_x), (bias, want_bias)) if t is not None]
+        out = func(inputs[0], weight, inputs[1] if bias is not None else None, *args, **kwargs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+    return (next(grads) if want_x else None), (next(grads) if want_bias else None)
