@@ -1,4 +1,5 @@
-"""A quantized KV cache for Hugging Face transformers decoders (``generate(past_key_values=...)``).
+"""A quantized KV cache for Hugging Face transformers decoders (``generate(cache=...)``; before
+transformers 5.24 the argument is ``past_key_values=...``).
 
 Each new key/value token is quantized once, per head and group of ``group_size`` channels, and
 appended: nothing is re-quantized as the sequence grows (unlike a residual window that is flushed
@@ -10,13 +11,13 @@ Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM  # doctest: +SKIP
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2))  # doctest: +SKIP
     >>> cache = QuantizedKVCache(model.config, qtype="int4")  # doctest: +SKIP
-    >>> out = model.generate(torch.tensor([[1, 2, 3]]), past_key_values=cache, max_new_tokens=8)  # doctest: +SKIP
+    >>> out = model.generate(torch.tensor([[1, 2, 3]]), cache=cache, max_new_tokens=8)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import BaseQuantizedLayer, Cache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .primitives.affine import choose_qparams, dequantize, quantize
 from .primitives.packing import pack_int4, unpack_int4
@@ -25,8 +26,14 @@ QTYPES = {"int8": "int8", "int4": "uint4", "float8_e4m3fn": "float8_e4m3fn"}  # 
 _SCALE_DTYPE = torch.bfloat16
 
 
-class QuantizedKVLayer(BaseQuantizedLayer):
-    """One decoder layer's keys and values, stored quantized (B, H, T, D) with per-group scales."""
+class QuantizedKVLayer(DynamicLayer):
+    """One decoder layer's keys and values, stored quantized (B, H, T, D) with per-group scales.
+
+    Built on ``DynamicLayer`` (transformers 5.0 and later) with its own bookkeeping: the quantized
+    states live in ``_quantized_keys`` / ``_quantized_values`` (dicts of tensors whose dim -2 is T).
+    """
+
+    is_croppable = False
 
     def __init__(self, qtype: str = "int4", group_size: int | None = None):
         super().__init__()
@@ -35,6 +42,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         if group_size is not None and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
             raise ValueError(f"group_size must be None (the whole head dim) or an even int >= 2; received {group_size!r}")
         self.qtype, self.group_size = qtype, group_size
+        self._quantized_keys = self._quantized_values = None
 
     def _block(self, x: torch.Tensor) -> tuple[int, ...]:
         head_dim = x.shape[-1]
@@ -53,39 +61,52 @@ class QuantizedKVLayer(BaseQuantizedLayer):
             state["zero_point"] = zero_point
         return state
 
-    def _dequantize(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _dequantize(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         q = unpack_int4(state["q"], signed=False) if self.qtype == "int4" else state["q"]
-        return dequantize(q, state["scale"], state.get("zero_point"), self._block(q), self.dtype)
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._quantized_keys = self._quantize(key_states)
-        self._quantized_values = self._quantize(value_states)
+        return dequantize(q, state["scale"], state.get("zero_point"), self._block(q), dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new states (quantized once) and return all keys and values, dequantized."""
-        self.cumulative_length += key_states.shape[-2]
-        if not self.is_initialized:  # the prompt attends to its own exact states
+        """Append the new states (quantized once) and return all keys and values, dequantized to the
+        states' dtype; a call on an empty cache (the prompt) returns its own exact states."""
+        if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        new_keys, new_values = self._quantize(key_states), self._quantize(value_states)
+        if self._quantized_keys is None:
+            self._quantized_keys, self._quantized_values = new_keys, new_values
             return key_states, value_states
-        for stored, new in ((self._quantized_keys, key_states), (self._quantized_values, value_states)):
-            for name, part in self._quantize(new).items():
+        for stored, new in ((self._quantized_keys, new_keys), (self._quantized_values, new_values)):
+            for name, part in new.items():
                 stored[name] = torch.cat([stored[name], part], dim=-2)  # (B, H, T, ...)
-        return self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)
+        return self._dequantize(self._quantized_keys, key_states.dtype), self._dequantize(self._quantized_values, value_states.dtype)
+
+    def get_seq_length(self) -> int:
+        return 0 if self._quantized_keys is None else self._quantized_keys["scale"].shape[-2]
+
+    def reset(self) -> None:
+        super().reset()
+        self._quantized_keys = self._quantized_values = None
+
+    def _map_states(self, fn) -> None:
+        for stored in (self._quantized_keys, self._quantized_values):
+            for name, t in (stored or {}).items():
+                stored[name] = fn(t)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search (quantized states move as they are)."""
-        if not self.is_initialized:
-            return
-        for stored in (self._quantized_keys, self._quantized_values):
-            for name, t in stored.items():
-                stored[name] = t.index_select(0, beam_idx.to(t.device))
+        self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_states(lambda t: t[indices])
+
+    def crop(self, *args, **kwargs) -> None:
+        raise NotImplementedError("QuantizedKVCache cannot be cropped (assisted generation needs a DynamicCache)")
 
     def storage_bytes(self) -> int:
         """Bytes held by the quantized keys and values, scales and zero points included."""
-        if not self.is_initialized:
-            return 0
-        return sum(t.numel() * t.element_size() for s in (self._quantized_keys, self._quantized_values) for t in s.values())
+        return sum(t.numel() * t.element_size() for s in (self._quantized_keys, self._quantized_values) for t in (s or {}).values())
 
 
 class QuantizedKVCache(Cache):
