@@ -13,6 +13,7 @@ from lowbit.calibration import (
     PerChannelMinMaxObserver,
 )
 from lowbit.primitives import choose_qparams
+from lowbit.primitives.qtypes import get_qtype
 
 
 @pytest.mark.parametrize("name", list(OBSERVERS))
@@ -83,6 +84,30 @@ def test_histogram_memory_is_bounded_and_range_clips_outliers():
     observer_plain(torch.randn(10000))
     lo, hi = observer_plain.range()
     assert 2.0 < float(hi) <= 4.5 and -4.5 <= float(lo) < -2.0
+
+
+def _expected_l2_error(histogram, centres, lo, hi, levels):
+    """Each bin's count times its squared error: uniform rounding noise step^2 / 12 inside [lo, hi],
+    the squared distance to the range outside (clipping)."""
+    step = (hi - lo) / levels
+    return sum(count * (step ** 2 / 12 if lo <= c <= hi else (lo - c if c < lo else c - hi) ** 2)
+               for count, c in zip(histogram, centres))
+
+
+@pytest.mark.parametrize("qtype, seed", [("int8", 0), ("int8", 1), ("int4", 2)])
+def test_histogram_range_has_the_least_l2_error_of_all_candidates(qtype, seed):
+    """64 bins: the search covers every pair (first kept bin <= 32 <= one past the last kept bin);
+    brute force over the same pairs finds no smaller expected squared error."""
+    observer = HistogramObserver(qtype, bins=64)
+    observer(torch.randn(20000, generator=torch.Generator().manual_seed(seed)) ** 3)  # heavy tails: clipping pays
+    low, width = float(observer.min_val), float(observer.max_val - observer.min_val) / 64
+    histogram, centres = observer.histogram.tolist(), [low + width * (i + 0.5) for i in range(64)]
+    levels = get_qtype(qtype).qmax - get_qtype(qtype).qmin
+    best = min(_expected_l2_error(histogram, centres, min(low + i * width, 0.0), max(low + j * width, 0.0), levels)
+               for i in range(33) for j in range(32, 65) if j > i + 1)
+    lo, hi = (float(v) for v in observer.range())
+    assert _expected_l2_error(histogram, centres, lo, hi, levels) <= best * (1 + 1e-6)
+    assert lo > low or hi < float(observer.max_val)  # the best range clips: the clip term is what is tested
 
 
 def test_percentile_clips_and_keeps_a_bounded_sample():

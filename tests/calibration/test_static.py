@@ -8,6 +8,7 @@ import torch.nn as nn
 from conftest import MLP, relative_error
 
 import lowbit
+from lowbit.attention import QuantizedSDPA
 from lowbit.calibration.static import OBSERVER_ATTR
 
 STATIC = [lowbit.StaticInt8(), lowbit.StaticInt8(act_symmetric=True, smoothing=None, observer="minmax"),
@@ -120,3 +121,33 @@ def test_state_dict_roundtrip_of_static_models():
     x = torch.randn(3, 64)
     target.load_state_dict(source.state_dict())
     assert torch.equal(source(x), target(x))
+
+
+class _Attending(nn.Module):
+    """A linear, calibrated attention, a linear: convert has three things to change, in that order."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 32)
+        self.attend = QuantizedSDPA("int8", observer="minmax")
+
+    def forward(self, x):
+        h = self.fc1(x).unsqueeze(0)  # (1, B, 64)
+        return self.fc2(self.attend(h, h, h).squeeze(0))
+
+
+def test_convert_failing_on_a_later_layer_changes_nothing():
+    model = lowbit.prepare(_Attending(), lowbit.StaticInt8())
+    lowbit.calibrate(model, _data(), progress=False)
+    intact = copy.deepcopy(model)
+    finite = model.fc2.weight.detach().clone()
+    with torch.no_grad():
+        model.fc2.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="fc2.weight"):
+        lowbit.convert(model)
+    assert type(model.fc1.weight) is nn.Parameter and torch.equal(model.fc1.weight, intact.fc1.weight)
+    assert hasattr(model.fc1, OBSERVER_ATTR) and model.fc1._forward_pre_hooks and not model.attend.frozen
+    with torch.no_grad():
+        model.fc2.weight.copy_(finite)
+    x = torch.randn(5, 64)
+    assert torch.equal(lowbit.convert(model)(x), lowbit.convert(intact)(x))  # the failed call lost nothing

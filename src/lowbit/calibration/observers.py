@@ -1,7 +1,8 @@
 """Observers: watch tensors during calibration, then turn what they saw into scales and zero points.
 
 Every observer ignores NaN and infinity, keeps bounded memory whatever the data, and raises if
-asked for parameters before it saw any data. Parameters come from the same formulas as dynamic
+asked for parameters before it saw any data. Calling an observer records its input unless
+``enabled`` is False (``lowbit.calibrate`` pauses observers that a pass must not count). Parameters come from the same formulas as dynamic
 quantization (:func:`lowbit.primitives.choose_qparams`) applied to the observed range.
 """
 
@@ -30,6 +31,7 @@ class Observer(nn.Module):
         super().__init__()
         qt = get_qtype(qtype)
         self.qtype, self.symmetric = qt.name, symmetric or qt.is_float
+        self.enabled = True
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
@@ -38,10 +40,15 @@ class Observer(nn.Module):
         return bool(self.min_val <= self.max_val)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = finite_range(x.detach())
+        if self.enabled:
+            self.observe(x.detach())
+        return x
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Record ``x`` (what ``forward`` does while ``enabled``)."""
+        lo, hi = finite_range(x)
         if lo is not None:
             self.update(lo, hi)
-        return x
 
     def update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.min_val = torch.minimum(self.min_val, lo)
@@ -124,10 +131,10 @@ class PerChannelMinMaxObserver(Observer):
     def observed(self) -> bool:
         return self.min_val.numel() > 0
 
-    def forward(self, x):
-        lo, hi = finite_range(x.detach(), dim=self.axis)
+    def observe(self, x):
+        lo, hi = finite_range(x, dim=self.axis)
         if lo is None:
-            return x
+            return
         if not self.observed:
             self.min_val, self.max_val = lo, hi
         elif lo.shape != self.min_val.shape:
@@ -135,7 +142,6 @@ class PerChannelMinMaxObserver(Observer):
                              f"received a tensor of shape {tuple(x.shape)}")
         else:
             self.update(lo, hi)
-        return x
 
 
 class HistogramObserver(Observer):
@@ -153,18 +159,17 @@ class HistogramObserver(Observer):
         self.bins = bins
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
 
-    def forward(self, x):
-        values = x.detach().float().flatten()
+    def observe(self, x):
+        values = x.float().flatten()
         values = values[torch.isfinite(values)]
         if values.numel() == 0:
-            return x
+            return
         lo, hi = torch.minimum(values.min(), torch.tensor(0.0)), torch.maximum(values.max(), torch.tensor(0.0))
         if self.observed and (lo < self.min_val or hi > self.max_val):
             self._rebin(torch.minimum(lo, self.min_val), torch.maximum(hi, self.max_val))
         elif not self.observed:
             self.min_val, self.max_val = lo, torch.maximum(hi, lo + torch.finfo(torch.float32).eps)
         self.histogram += torch.histc(values, self.bins, float(self.min_val), float(self.max_val)).double()
-        return x
 
     def _rebin(self, lo, hi):
         """Move the counts onto ``bins`` bins over [lo, hi] (each old bin into the new bin of its centre)."""
@@ -221,19 +226,18 @@ class PercentileObserver(Observer):
         self.register_buffer("samples", torch.empty(0))
         self.seen = 0
 
-    def forward(self, x):
-        flat = x.detach().float().flatten()
+    def observe(self, x):
+        flat = x.float().flatten()
         flat = flat[torch.isfinite(flat)]
         if flat.numel() == 0:
-            return x
-        super().forward(flat)
+            return
+        super().observe(flat)
         self.seen += flat.numel()
         pool = torch.cat([self.samples, flat])
         if pool.numel() > self.max_samples:  # keep a uniform sample of everything seen so far
             keep = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(self.seen))[: self.max_samples]
             pool = pool[keep]
         self.samples = pool
-        return x
 
     def range(self):
         q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])

@@ -1,6 +1,11 @@
 """Static quantization in eager mode: ``prepare`` attaches observers, ``calibrate`` runs data through
 the model, ``convert`` freezes the observed activation scales into the weights.
 
+With smoothing (SmoothQuant), a linear layer's activation is quantized as ``x / s`` with per-channel
+factors ``s`` that depend on the per-channel ranges of all calibration data. ``calibrate`` therefore
+runs the data twice: the first pass records those ranges and fixes ``s``, the second lets the
+configured observer watch ``x / s``, so its range is the one the quantizer will see.
+
 The model keeps its structure: a converted nn.Linear is still an nn.Linear whose weight is a
 :class:`~lowbit.tensors.StaticActivationTensor` (``convert(..., module_swap=True)`` gives
 :class:`~lowbit.QuantizedLinear` modules instead, with identical outputs).
@@ -8,26 +13,31 @@ The model keeps its structure: a converted nn.Linear is still an nn.Linear whose
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import sys
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from ..api import FilterFn, WeightHandler, set_submodule, conv_layout, default_filter
+from ..api import (
+    OBSERVER_ATTR, FilterFn, WeightHandler, conv_layout, is_conv1d, linear_weight, module_weight, select_targets, set_submodule,
+)
 from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
 from ..tensors import ActivationQuant, StaticActivationTensor
-from .observers import OBSERVERS, MinMaxObserver, NotCalibratedError, PerChannelMinMaxObserver
+from .observers import OBSERVERS, NotCalibratedError, Observer, PerChannelMinMaxObserver
 
-OBSERVER_ATTR = "lowbit_observer"
-CHANNEL_OBSERVER_ATTR = "lowbit_channel_observer"
+CHANNEL_OBSERVER_ATTR = "lowbit_channel_observer"  # until the smoothing factors are fixed
+SMOOTHING_ATTR = "lowbit_smoothing"  # the fixed smoothing factors s (K,)
 
 
 def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> nn.Module:
-    """Attach an activation observer to the input of every selected layer (in place): nn.Linear by
-    default; pass a filter_fn to include Conv/ConvTranspose layers.
+    """Attach an activation observer to the input of every selected layer (in place): nn.Linear and
+    transformers Conv1D by default; pass a filter_fn to include Conv/ConvTranspose layers. Layers sharing
+    a weight with another module stay float (with a warning): each needs its own activation scale.
 
     Example:
         >>> import lowbit
@@ -39,7 +49,7 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     if not isinstance(config, STATIC_CONFIGS):
         names = ", ".join(c.__name__ for c in STATIC_CONFIGS)
         raise TypeError(f"prepare takes a static config ({names}); received {type(config).__name__}")
-    targets = [(fqn, m) for fqn, m in model.named_modules() if (filter_fn or default_filter)(m, fqn)]
+    targets = select_targets(model, filter_fn, config, "static quantization gives each layer its own activation scale")
     if not targets:
         raise ValueError(f"prepare with {config.label()}: filter_fn selected no module")
     already = [fqn for fqn, m in targets if hasattr(m, OBSERVER_ATTR)]
@@ -48,28 +58,55 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     WeightHandler().validate(targets, config, module_swap=False)
     for _, module in targets:
         module.add_module(OBSERVER_ATTR, OBSERVERS[config.observer](config.act_qtype, config.act_symmetric))
-        if config.smoothing is not None and isinstance(module, nn.Linear):  # smoothing: linear layers only
+        if config.smoothing is not None and (isinstance(module, nn.Linear) or is_conv1d(module)):  # linear layers only
             module.add_module(CHANNEL_OBSERVER_ATTR, PerChannelMinMaxObserver(config.act_qtype, axis=-1))
         module._lowbit_static = (config, module.register_forward_pre_hook(_observe_input))
     return model
 
 
 def _observe_input(module: nn.Module, args) -> None:
-    getattr(module, OBSERVER_ATTR)(args[0])
-    if hasattr(module, CHANNEL_OBSERVER_ATTR):
-        getattr(module, CHANNEL_OBSERVER_ATTR)(args[0])
+    x = args[0]
+    if hasattr(module, CHANNEL_OBSERVER_ATTR):  # smoothing factors not fixed yet: per-channel ranges only
+        getattr(module, CHANNEL_OBSERVER_ATTR)(x)
+        return
+    smoothing = getattr(module, SMOOTHING_ATTR, None)
+    getattr(module, OBSERVER_ATTR)(x if smoothing is None else x / smoothing)
 
 
-def _smoothing(module: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SmoothQuant factors s (K,), the smoothed weight W * s and the range (lo, hi) of x / s."""
-    channels = getattr(module, CHANNEL_OBSERVER_ATTR)
-    weight = module.weight.detach().float()
-    act_max = torch.maximum(channels.max_val.abs(), channels.min_val.abs())  # (K,)
-    weight_max = weight.abs().amax(0)  # (K,)
-    alpha = config.smoothing
+def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant factors ``s_c = max|x_c|^alpha / max|W[:, c]|^(1 - alpha)`` per input channel c
+    (maxima floored at 1e-5); 1 for a channel whose activations or weights are all zero.
+
+    Example:
+        >>> smoothing_factors(torch.tensor([4.0, 0.0]), torch.tensor([1.0, 2.0]), 0.5)
+        tensor([2., 1.])
+    """
     s = act_max.clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)
-    s = torch.where((act_max > 0) & (weight_max > 0), s, torch.ones_like(s))
-    return s, (weight * s).to(module.weight.dtype), ((channels.min_val / s).min(), (channels.max_val / s).max())
+    return torch.where((act_max > 0) & (weight_max > 0), s, torch.ones_like(s))
+
+
+def _fix_smoothing(module: nn.Module) -> None:
+    """Turn the first pass's per-channel ranges into the factors s; from now on the observer sees x / s."""
+    channels = getattr(module, CHANNEL_OBSERVER_ATTR)
+    if not channels.observed:  # no data reached the layer: convert reports it
+        return
+    act_max = torch.maximum(channels.max_val.abs(), channels.min_val.abs())  # (K,)
+    weight_max = linear_weight(module).detach().float().abs().amax(0)  # (K,)
+    module.register_buffer(SMOOTHING_ATTR, smoothing_factors(act_max, weight_max, module._lowbit_static[0].smoothing))
+    delattr(module, CHANNEL_OBSERVER_ATTR)
+
+
+@contextlib.contextmanager
+def _observing_only(model: nn.Module, observers: list[Observer]):
+    """Pause every other observer in ``model`` (prepared layers' and self-observing modules')."""
+    paused = [m for m in model.modules() if isinstance(m, Observer) and m.enabled and not any(m is o for o in observers)]
+    for observer in paused:
+        observer.enabled = False
+    try:
+        yield
+    finally:
+        for observer in paused:
+            observer.enabled = True
 
 
 def _prepared(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -85,31 +122,46 @@ def _calibrating(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if getattr(m, "calibrating", False) and hasattr(m, "freeze")]
 
 
-def _progress(iterable, total: int | None, enabled: bool):
+def _progress(iterable, total: int | None, enabled: bool, desc: str):
     if not enabled:
         return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional
         return iterable
-    return tqdm(iterable, total=total, desc="calibrating", unit="batch", file=sys.stderr)
+    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr)
 
 
 def calibrate(model: nn.Module, data: Iterable, max_batches: int | None = None, progress: bool = True) -> int:
     """Run ``data`` through a prepared model in eval mode, without gradients; return the batch count.
 
     Each batch is passed as ``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list,
-    and ``model(batch)`` otherwise.
+    and ``model(batch)`` otherwise. Layers with smoothing take two passes over the data (a one-shot
+    iterator is kept in memory for the second): the first fixes the smoothing factors s from the
+    per-channel ranges, the second runs the observers (each sees ``x / s``). A later call keeps s
+    and adds its data to the observed ranges.
     """
-    _prepared(model)
+    prepared = _prepared(model)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive int or None; received {max_batches}")
+    unsmoothed = [m for _, m in prepared if hasattr(m, CHANNEL_OBSERVER_ATTR)]
+    if unsmoothed:
+        if iter(data) is data:
+            data = list(itertools.islice(data, max_batches))
+        with _observing_only(model, [getattr(m, CHANNEL_OBSERVER_ATTR) for m in unsmoothed]):
+            _run(model, data, max_batches, progress, "smoothing")
+        for module in unsmoothed:
+            _fix_smoothing(module)
+    return _run(model, data, max_batches, progress, "calibrating")
+
+
+def _run(model: nn.Module, data: Iterable, max_batches: int | None, progress: bool, desc: str) -> int:
     total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
     was_training = model.training
     model.eval()
     count = 0
     with torch.inference_mode():
-        for batch in _progress(data, total, progress):
+        for batch in _progress(data, total, progress, desc):
             if max_batches is not None and count >= max_batches:
                 break
             if isinstance(batch, dict):
@@ -137,18 +189,17 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
     if blind:
         raise NotCalibratedError(
             f"no activations were observed for {blind[:5]}{' ...' if len(blind) > 5 else ''}: "
-            f"run lowbit.calibrate(model, data) with data that reaches these layers first"
+            f"run lowbit.calibrate(model, data) with data that reaches these layers first (layers with smoothing "
+            f"observe only inside lowbit.calibrate, which fixes their smoothing factors first)"
         )
     planned = []
     for fqn, module in prepared:  # quantize everything before changing anything
         config = module._lowbit_static[0]
         check_finite(module.weight.detach(), f"{fqn}.weight")
-        observer, smooth, weight = getattr(module, OBSERVER_ATTR), None, module.weight.detach()
-        if hasattr(module, CHANNEL_OBSERVER_ATTR):
-            smooth, weight, (lo, hi) = _smoothing(module, config)
-            observer = MinMaxObserver(config.act_qtype, config.act_symmetric)
-            observer.update(lo, hi)
-        scale, zero_point = observer.calculate_qparams()
+        smooth, weight = getattr(module, SMOOTHING_ATTR, None), linear_weight(module).detach()
+        if smooth is not None:
+            weight = (weight.float() * smooth).to(weight.dtype)
+        scale, zero_point = getattr(module, OBSERVER_ATTR).calculate_qparams()
         activation = ActivationQuant(config.act_qtype, "per_tensor", config.act_symmetric)
         with torch.no_grad():
             qweight = config.quantize_weight(weight, f"{fqn}.weight", **conv_layout(module))
@@ -160,12 +211,13 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
         module._lowbit_static[1].remove()
         del module._lowbit_static
         delattr(module, OBSERVER_ATTR)
-        if hasattr(module, CHANNEL_OBSERVER_ATTR):
-            delattr(module, CHANNEL_OBSERVER_ATTR)
+        for name in (CHANNEL_OBSERVER_ATTR, SMOOTHING_ATTR):
+            if hasattr(module, name):
+                delattr(module, name)
         if module_swap and isinstance(module, nn.Linear):
             module = QuantizedLinear.from_quantized_weight(module, qweight)
             set_submodule(model, fqn, module)
         else:
-            module.weight = nn.Parameter(qweight, requires_grad=False)
+            module.weight = nn.Parameter(module_weight(module, qweight), requires_grad=False)
         module.lowbit_config = label
     return model
