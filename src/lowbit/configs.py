@@ -195,12 +195,13 @@ class StaticInt8(QuantConfig):
 
     Args:
         act_symmetric: symmetric activations (no zero point) instead of affine.
-        observer: ``"minmax"``, ``"moving_average"``, ``"histogram"`` or ``"percentile"`` (the
-            activation range when ``smoothing`` is None).
+        observer: ``"minmax"``, ``"moving_average"``, ``"histogram"`` or ``"percentile"``: picks the
+            activation range (of the smoothed activation ``x / s`` when ``smoothing`` is set).
         smoothing: SmoothQuant strength alpha in [0, 1], or None. Each input channel c is divided by
             ``s_c = max|x_c|^alpha / max|W[:, c]|^(1 - alpha)`` before quantization and the weight's
-            column c multiplied by it, moving activation outliers into the per-channel weight scales;
-            the activation range is then the calibrated per-channel range divided by s.
+            column c multiplied by it, moving activation outliers into the per-channel weight scales
+            (``lowbit.calibrate`` fixes s in a first pass over the data; the observer watches ``x / s``
+            in a second).
     """
 
     act_symmetric: bool = False
