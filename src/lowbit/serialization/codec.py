@@ -25,7 +25,7 @@ from ..tensors import (
     StaticActivationTensor,
 )
 from ..tensors.blockwise import PACKED_NAMES, BlockQuantizedTensor, with_packing
-from .container import CheckpointError, StoredTensor
+from .container import CheckpointError, StoredTensor, shown
 
 BLOCK_CLASSES = {cls.__name__: cls for cls in (Int8Tensor, Int4Tensor, Float8Tensor)}
 WRAPPER_CLASSES = {cls.__name__: cls for cls in (DynamicActivationTensor, StaticActivationTensor)}
@@ -105,16 +105,41 @@ def _construct(cls, tensors: dict, meta: dict, **outer) -> QuantizedTensor:
 
 
 # -- decoding ----------------------------------------------------------------------------------
+ENTRY_FIELDS = ("class", "scheme", "shape", "dtype", "meta", "tensors")
+LABEL_FIELDS = ("config", "module")  # top-level entries only: the config label and a module swap (see loading)
+SCALE_DTYPES = tuple(FLOAT_DTYPES.values())
+POSITIVE_FIELDS = ("scale", "act_scale", "act_smooth")  # scales and smoothing divisors
+META_TYPES = {  # metadata field -> (accepts the JSON value, what is expected); meanings are checked with the layout
+    "qtype": (lambda v: isinstance(v, str), "a qtype name"),
+    "block_size": (lambda v: isinstance(v, list) and all(type(b) is int for b in v), "a list of ints"),
+    "packed_dim": (lambda v: v is None or type(v) is int, "an int or null"),
+    "kernel": (lambda v: isinstance(v, str), "a kernel name"),
+    "groups": (lambda v: v is None or type(v) is int, "an int or null"),
+    "packed_for": (lambda v: v is None, "null (files hold the canonical layout)"),
+    "packed_transposed": (lambda v: v is None, "null (files hold the canonical layout)"),
+}
+JSON_TYPES = {"str": str, "bool": bool}  # annotations of ActivationQuant's fields
+
+
 @dataclass(frozen=True)
 class Node:
-    """A validated quantized entry: its class, outer shape and dtype, metadata, and inner tensors (file
-    tensor names, or nested nodes for wrappers)."""
+    """A validated quantized entry: its name, class, outer shape and dtype, metadata, and inner tensors
+    (file tensor names, or nested nodes for wrappers)."""
 
+    name: str
     cls: type
     shape: tuple[int, ...]
     dtype: torch.dtype
     meta: dict
     fields: dict
+
+    @property
+    def scheme(self) -> str:
+        """The scheme of the tensor this entry builds, e.g. ``"int8_static"``."""
+        if self.cls in WRAPPER_CLASSES.values():
+            suffix = next(s for s, cls in WRAPPER_SUFFIXES.items() if cls is self.cls)
+            return f"{self.fields['weight'].cls.scheme}_{suffix}"
+        return self.cls.scheme
 
     def file_tensors(self) -> list[str]:
         names = []
@@ -123,45 +148,60 @@ class Node:
         return names
 
 
+@dataclass(frozen=True)
+class Inner:
+    """What a scheme asks of one inner tensor: shape, dtypes, and whether it must be there (True), must
+    not (False) or may (None); ``why`` explains its presence in messages."""
+
+    shape: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    present: bool | None = True
+    why: str = ""
+
+
 def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str], inner: bool = False) -> Node:
-    """Validate a quantized entry against the container; file tensors it uses are added to ``claimed``."""
+    """Validate a quantized entry against the container (the type of every field, the scheme's metadata,
+    the presence, shape and dtype of each inner tensor); file tensors it uses are added to ``claimed``."""
     where = f"tensor {name!r}"
     allowed = BLOCK_CLASSES if inner else CLASSES
-    if not isinstance(entry, dict) or entry.get("class") not in allowed:
-        received = entry.get("class") if isinstance(entry, dict) else entry
-        raise CheckpointError(f"{where}: field 'class': expected one of {sorted(allowed)}; received {received!r}")
-    cls = allowed[entry["class"]]
-    shape, dtype = entry.get("shape"), entry.get("dtype")
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: expected a JSON object as header entry; received {shown(entry)}")
+    optional = () if inner else LABEL_FIELDS
+    if not set(ENTRY_FIELDS) <= set(entry) <= set(ENTRY_FIELDS + optional):
+        raise CheckpointError(f"{where}: expected the fields {list(ENTRY_FIELDS)} and optionally {list(optional)}; "
+                              f"received {shown(sorted(entry))}")
+    cls = allowed.get(entry["class"]) if isinstance(entry["class"], str) else None
+    if cls is None:
+        raise CheckpointError(f"{where}: field 'class': expected one of {sorted(allowed)}; received {shown(entry['class'])}")
+    shape, dtype = entry["shape"], entry["dtype"]
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-        raise CheckpointError(f"{where}: field 'shape': expected a list of non-negative ints; received {shape!r}")
-    if dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{where}: field 'dtype': expected one of {sorted(FLOAT_DTYPES)}; received {dtype!r}")
-    meta = _decode_meta(cls, entry.get("meta"), where)
-    fields = entry.get("tensors")
+        raise CheckpointError(f"{where}: field 'shape': expected a list of non-negative ints; received {shown(shape)}")
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{where}: field 'dtype': expected one of {sorted(FLOAT_DTYPES)}; received {shown(dtype)}")
+    meta = _decode_meta(cls, entry["meta"], where)
+    fields = entry["tensors"]
     names = cls.tensor_names + tuple(n for n in cls.optional_tensor_names if n not in PACKED_NAMES)
     if not isinstance(fields, dict) or not set(cls.tensor_names) <= set(fields) <= set(names):
         got = sorted(fields) if isinstance(fields, dict) else fields
         raise CheckpointError(f"{where}: field 'tensors': expected {list(cls.tensor_names)} and optionally "
-                              f"{[n for n in names if n not in cls.tensor_names]}; received {got!r}")
+                              f"{[n for n in names if n not in cls.tensor_names]}; received {shown(got)}")
     decoded = {}
     for field, value in fields.items():
         if field == "weight" and cls in WRAPPER_CLASSES.values():
             decoded[field] = decode(value, f"{name}{SEPARATOR}weight", stored, claimed, inner=True)
         elif not isinstance(value, str) or value not in stored or value in claimed:
-            problem = "used twice" if value in claimed else "not in the file"
+            problem = "not a string" if not isinstance(value, str) else "used twice" if value in claimed else "not in the file"
             raise CheckpointError(f"{where}: field 'tensors.{field}': expected the name of an unused file tensor; "
-                                  f"received {value!r} ({problem})")
+                                  f"received {shown(value)} ({problem})")
         else:
             claimed.add(value)
             decoded[field] = value
-    node = Node(cls, tuple(shape), FLOAT_DTYPES[dtype], meta, decoded)
-    if issubclass(cls, BlockQuantizedTensor):
-        _check_block_layout(node, where, stored)
-    else:
-        weight = node.fields["weight"]
-        if (weight.shape, weight.dtype) != (node.shape, node.dtype):
-            raise CheckpointError(f"{where}: its inner weight should be {list(node.shape)} {dtype}; received "
-                                  f"{list(weight.shape)} {dtype_name(weight.dtype)}")
+    node = Node(name, cls, tuple(shape), FLOAT_DTYPES[dtype], meta, decoded)
+    if entry["scheme"] != node.scheme:
+        raise CheckpointError(f"{where}: field 'scheme': expected {node.scheme!r} (the scheme of this {cls.__name__}); "
+                              f"received {shown(entry['scheme'])}")
+    layout = _block_layout(node, where) if issubclass(cls, BlockQuantizedTensor) else _wrapper_layout(node, where)
+    _check_inner(node, layout, stored, where)
     return node
 
 
@@ -170,59 +210,120 @@ def _decode_meta(cls, meta, where: str) -> dict:
     if not isinstance(meta, dict) or not set(required) <= set(meta) <= set(cls.meta_names):
         got = sorted(meta) if isinstance(meta, dict) else meta
         raise CheckpointError(f"{where}: field 'meta': expected {required} and optionally {list(cls.optional_meta_names)}; "
-                              f"received {got!r}")
-    return {n: _decode_value(v, f"{where}: field 'meta.{n}'") for n, v in meta.items()}
+                              f"received {shown(got)}")
+    decoded = {}
+    for name, value in meta.items():
+        if name == "activation":
+            decoded[name] = _decode_activation(value, f"{where}: field 'meta.activation'")
+            continue
+        accepts, expected = META_TYPES[name]
+        if not accepts(value):
+            raise CheckpointError(f"{where}: field 'meta.{name}': expected {expected}; received {shown(value)}")
+        decoded[name] = tuple(value) if name == "block_size" else value
+    return decoded
 
 
-def _decode_value(value, where: str):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        return tuple(_decode_value(v, where) for v in value)
-    if isinstance(value, dict) and len(value) == 1:
-        (kind, fields), = value.items()
-        cls = META_DATACLASSES.get(kind)
-        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
-        if cls is not None and isinstance(fields, dict) and set(fields) == names:
-            try:
-                return cls(**{k: _decode_value(v, where) for k, v in fields.items()})
-            except (TypeError, ValueError) as error:
-                raise CheckpointError(f"{where}: invalid {kind}: {error}") from None
-    raise CheckpointError(f"{where}: expected a JSON scalar, a list or one of {sorted(META_DATACLASSES)} with "
-                          f"its fields; received {value!r}")
+def _decode_activation(value, where: str) -> ActivationQuant:
+    types = {f.name: JSON_TYPES[f.type] for f in dataclasses.fields(ActivationQuant)}
+    fields = value.get("ActivationQuant") if isinstance(value, dict) and len(value) == 1 else None
+    if not isinstance(fields, dict) or set(fields) != set(types) or any(type(fields[k]) is not t for k, t in types.items()):
+        expected = ", ".join(f"{k!r}: {t.__name__}" for k, t in types.items())
+        raise CheckpointError(f"{where}: expected {{'ActivationQuant': {{{expected}}}}}; received {shown(value)}")
+    try:
+        return ActivationQuant(**fields)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: invalid ActivationQuant: {error}") from None
 
 
-def _check_block_layout(node: Node, where: str, stored: dict[str, StoredTensor]) -> None:
+def _block_layout(node: Node, where: str) -> dict[str, Inner]:
     """The documented layout: qdata has the outer shape (halved along packed_dim for 4-bit qtypes), scale and
-    zero_point have ``shape[i] // block_size[i]`` entries along each dim."""
+    zero_point have ``shape[i] // block_size[i]`` entries along each dim; unsigned qtypes have a zero point
+    of their storage dtype, symmetric ones none."""
     shape, meta = node.shape, node.meta
     qtypes = SCHEME_QTYPES[node.cls.scheme]
     if meta["qtype"] not in qtypes:
         raise CheckpointError(f"{where}: field 'meta.qtype': expected one of {list(qtypes)} for {node.cls.__name__}; "
-                              f"received {meta['qtype']!r}")
+                              f"received {shown(meta['qtype'])}")
     qtype, block = QTYPES[meta["qtype"]], meta["block_size"]
-    if (not isinstance(block, tuple) or len(block) != len(shape) or not all(type(b) is int and b > 0 for b in block)
-            or any(s % b for s, b in zip(shape, block))):
+    if len(block) != len(shape) or not all(b > 0 for b in block) or any(s % b for s, b in zip(shape, block)):
         raise CheckpointError(f"{where}: field 'meta.block_size': expected {len(shape)} positive ints dividing the "
-                              f"shape {list(shape)}; received {block!r}")
+                              f"shape {list(shape)}; received {shown(block)}")
     packed_dim = meta["packed_dim"]
-    if qtype.packed != (type(packed_dim) is int) or (qtype.packed and not 0 <= packed_dim < len(shape)):
+    if qtype.packed != (packed_dim is not None) or (qtype.packed and not 0 <= packed_dim < len(shape)):
         expected = f"a dim of the {len(shape)}-d shape" if qtype.packed else "None"
         raise CheckpointError(f"{where}: field 'meta.packed_dim': expected {expected} for {qtype.name}; received {packed_dim!r}")
-    if meta.get("packed_for") is not None:
-        raise CheckpointError(f"{where}: field 'meta.packed_for': expected None (files hold the canonical layout); "
-                              f"received {meta['packed_for']!r}")
+    groups = meta.get("groups")
+    if groups is not None and (groups < 1 or len(shape) < 3 or shape[0] % groups):
+        raise CheckpointError(f"{where}: field 'meta.groups': expected null or a convolution's groups (a positive int "
+                              f"dividing dim 0 of a weight of 3 or more dims); received {groups} for shape {list(shape)}")
     qshape = tuple(s // 2 if d == packed_dim else s for d, s in enumerate(shape))
     blocks = tuple(s // b for s, b in zip(shape, block))
-    expected = {"qdata": (qshape, (torch.uint8,) if qtype.packed else (qtype.storage,)),
-                "scale": (blocks, tuple(FLOAT_DTYPES.values())), "zero_point": (blocks, None)}
-    for field, file_name in node.fields.items():
-        want_shape, want_dtypes = expected[field]
-        got = stored[file_name]
-        if got.shape != want_shape or (want_dtypes and got.dtype not in want_dtypes):
-            dtypes = "/".join(dtype_name(d) for d in want_dtypes) if want_dtypes else "any dtype"
-            raise CheckpointError(f"{where}: inner tensor {field!r} ({file_name!r}): expected shape {list(want_shape)} "
+    unsigned = not qtype.is_float and qtype.qmin == 0
+    why = f"{qtype.name} values are offset by a zero point" if unsigned else f"{qtype.name} is symmetric"
+    return {"qdata": Inner(qshape, (torch.uint8,) if qtype.packed else (qtype.storage,)),
+            "scale": Inner(blocks, SCALE_DTYPES),
+            "zero_point": Inner(blocks, (qtype.storage,), unsigned, why)}
+
+
+def _wrapper_layout(node: Node, where: str) -> dict[str, Inner]:
+    """A wrapper holds a weight of its own shape and dtype whose qtype its activations share; a static one
+    adds a 0-d activation scale, a 0-d zero point for asymmetric activations and, for a linear layer,
+    optional smoothing divisors (one per input channel)."""
+    weight, activation = node.fields["weight"], node.meta["activation"]
+    if (weight.shape, weight.dtype) != (node.shape, node.dtype):
+        raise CheckpointError(f"{where}: its inner weight should be {list(node.shape)} {dtype_name(node.dtype)}; received "
+                              f"{list(weight.shape)} {dtype_name(weight.dtype)}")
+    static = node.cls is StaticActivationTensor
+    if activation.qtype != weight.meta["qtype"] or (static and activation.granularity != "per_tensor"):
+        granularity = " and granularity 'per_tensor' (static)" if static else ""
+        raise CheckpointError(f"{where}: field 'meta.activation': expected the weight's qtype {weight.meta['qtype']!r}"
+                              f"{granularity}; received {activation}")
+    if not static:
+        return {}
+    act_qtype, linear = QTYPES[activation.qtype], len(node.shape) == 2 and weight.meta.get("groups") is None
+    block = weight.meta["block_size"]
+    inputs = node.shape[0] if linear and block[1] == 1 < block[0] else node.shape[-1]  # Conv1D weights are (in, out)
+    why = "the activations are symmetric" if activation.symmetric else "asymmetric activations are offset by a zero point"
+    return {"act_scale": Inner((), SCALE_DTYPES),
+            "act_zero_point": Inner((), (act_qtype.storage,), not activation.symmetric, why),
+            "act_smooth": Inner((inputs,), SCALE_DTYPES, None if linear else False,
+                                "smoothing divides the input channels of a linear layer")}
+
+
+def _check_inner(node: Node, layout: dict[str, Inner], stored: dict[str, StoredTensor], where: str) -> None:
+    for field, want in layout.items():
+        file_name = node.fields.get(field)
+        if want.present is not None and (file_name is not None) != want.present:
+            expected = f"a {field} tensor" if want.present else f"no {field}"
+            received = repr(file_name) if file_name is not None else "none"
+            raise CheckpointError(f"{where}: field 'tensors.{field}': expected {expected} ({want.why}); received {received}")
+        got = stored.get(file_name) if file_name is not None else None
+        if got is not None and (got.shape != want.shape or got.dtype not in want.dtypes):
+            dtypes = "/".join(dtype_name(d) for d in want.dtypes)
+            raise CheckpointError(f"{where}: field 'tensors.{field}' ({file_name!r}): expected shape {list(want.shape)} "
                                   f"{dtypes}; received {list(got.shape)} {dtype_name(got.dtype)}")
+
+
+def check_values(node: Node, data: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError unless the scales and smoothing divisors read for ``node`` are finite and
+    positive and its zero points lie in their qtype's range (``data``: file tensors by name)."""
+    for field, value in node.fields.items():
+        if isinstance(value, Node):
+            check_values(value, data)
+            continue
+        t = data[value]
+        if field in POSITIVE_FIELDS:
+            bad, expected = ~(torch.isfinite(t) & (t > 0)), "finite positive values"
+        elif field in ("zero_point", "act_zero_point"):
+            qtype = QTYPES[node.meta["qtype"] if field == "zero_point" else node.meta["activation"].qtype]
+            bad, expected = (t < qtype.qmin) | (t > qtype.qmax), f"values in [{qtype.qmin}, {qtype.qmax}] ({qtype.name})"
+        else:
+            continue
+        if bool(bad.any()):
+            index = tuple(bad.nonzero()[0].tolist())
+            raise CheckpointError(f"tensor {node.name!r}: field 'tensors.{field}' ({value!r}): expected {expected}; "
+                                  f"received {t[index].item()} at index {list(index)} ({int(bad.sum())} of "
+                                  f"{t.numel()} values are not)")
 
 
 def build(node: Node, data: dict[str, torch.Tensor]) -> QuantizedTensor:

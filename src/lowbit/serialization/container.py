@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import reprlib
 import sys
 import uuid
 import zlib
@@ -33,6 +34,13 @@ DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def shown(value) -> str:
+    """A header value for an error message: its repr, cut short (a file may hold huge or deep values)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 80, 80
+    return short.repr(value)
 
 
 class CheckpointError(ValueError):
@@ -97,7 +105,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raw = f.read(length)
     try:
         table = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file: its header is not JSON ({error})") from None
     if not isinstance(table, dict):
         raise CheckpointError(f"{path}: expected a JSON object as safetensors header; received {type(table).__name__}")
@@ -112,19 +120,19 @@ def _lowbit_header(path: Path, metadata) -> dict:
                               f"expected a checkpoint written by lowbit.save")
     try:
         header = json.loads(metadata[METADATA_KEY])
-    except (TypeError, json.JSONDecodeError) as error:
+    except (TypeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path}: the lowbit header is corrupt, not JSON ({error})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         received = header.get("format") if isinstance(header, dict) else header
-        raise CheckpointError(f"{path}: header field 'format': expected {FORMAT!r}; received {received!r}")
+        raise CheckpointError(f"{path}: header field 'format': expected {FORMAT!r}; received {shown(received)}")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        hint = "; upgrade lowbit to read it" if isinstance(version, int) and version > FORMAT_VERSION else ""
+    if type(version) is not int or version != FORMAT_VERSION:
+        hint = "; upgrade lowbit to read it" if type(version) is int and version > FORMAT_VERSION else ""
         raise CheckpointError(f"{path}: header field 'format_version': expected {FORMAT_VERSION} (what this lowbit "
-                              f"reads); received {version!r}{hint}")
-    for key, kind in (("entries", dict), ("crc32", dict)):
-        if not isinstance(header.get(key), kind):
-            raise CheckpointError(f"{path}: header field {key!r}: expected a JSON object; received {header.get(key)!r}")
+                              f"reads); received {shown(version)}{hint}")
+    for key in ("entries", "crc32"):
+        if not isinstance(header.get(key), dict):
+            raise CheckpointError(f"{path}: header field {key!r}: expected a JSON object; received {shown(header.get(key))}")
     return header
 
 
@@ -132,13 +140,14 @@ def _stored_tensors(path: Path, table: dict, data_start: int, data_bytes: int) -
     tensors = {}
     for name, spec in table.items():
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise CheckpointError(f"{path}: tensor {name!r}: expected dtype, shape and data_offsets; received {spec!r}")
+            raise CheckpointError(f"{path}: tensor {name!r}: expected dtype, shape and data_offsets; received {shown(spec)}")
         dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r}: expected a dtype in {sorted(DTYPES)}; received {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r}: field 'dtype': expected one of {sorted(DTYPES)}; "
+                                  f"received {shown(dtype)}")
         if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
             raise CheckpointError(f"{path}: tensor {name!r}: expected a shape and [begin, end] offsets of non-negative "
-                                  f"ints; received shape {shape!r}, data_offsets {offsets!r}")
+                                  f"ints; received shape {shown(shape)}, data_offsets {shown(offsets)}")
         nbytes = DTYPES[dtype].itemsize
         for dim in shape:
             nbytes *= dim

@@ -21,8 +21,9 @@ import torch.nn as nn
 
 from ..modules import QuantizedLinear
 from ..tensors import QuantizedTensor
-from .codec import Node, build, decode, dtype_name, pack
-from .container import Checkpoint, CheckpointError, TensorReader, read_checkpoint
+from .codec import Node, build, check_values, decode, dtype_name, pack
+from .container import Checkpoint, CheckpointError, TensorReader, read_checkpoint, shown
+from .labels import check_label
 from .saving import CONFIG_ATTR
 
 SWAP_MODULE = "QuantizedLinear"
@@ -72,8 +73,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        CheckpointError: the file is corrupt, truncated, of another format or version, names a class
-            lowbit does not rebuild, or does not match ``model`` (missing or unexpected tensors, shapes,
+        CheckpointError: the file is corrupt, truncated, of another format or version, has a header
+            field of the wrong type, names a class lowbit does not rebuild, holds inner tensors that do
+            not fit their scheme (presence, shape, dtype; scales and smoothing divisors finite and
+            positive, zero points in range), a config label that is not a config or not the one that
+            made its tensor, or does not match ``model`` (missing or unexpected tensors, shapes,
             dtypes); ``model`` is unchanged.
 
     Example:
@@ -101,29 +105,34 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def decode_entries(checkpoint: Checkpoint) -> dict[str, Entry]:
-    """Validate every header entry against the container; every file tensor must be used exactly once."""
+    """Validate every header entry against the container (and a quantized entry's config label against its
+    tensor); every file tensor must be used exactly once."""
     raw_entries, stored, claimed, entries = checkpoint.header["entries"], checkpoint.tensors, set(), {}
     for name, raw in raw_entries.items():
         where = f"tensor {name!r}"
         if not isinstance(raw, dict):
-            raise CheckpointError(f"{where}: expected a JSON object as header entry; received {raw!r}")
+            raise CheckpointError(f"{where}: expected a JSON object as header entry; received {shown(raw)}")
         if "tied_to" in raw:
             target = raw_entries.get(raw["tied_to"]) if isinstance(raw["tied_to"], str) else None
             if set(raw) != {"tied_to"} or not isinstance(target, dict) or "tied_to" in target:
-                raise CheckpointError(f"{where}: field 'tied_to': expected the name of a stored entry; received {raw!r}")
+                raise CheckpointError(f"{where}: field 'tied_to': expected the name of a stored entry; received {shown(raw)}")
             entries[name] = Entry(name, tied_to=raw["tied_to"])
         elif raw.get("class") == "float":
             file_name = raw.get("tensor")
-            if set(raw) != {"class", "tensor"} or file_name not in stored or file_name in claimed:
-                raise CheckpointError(f"{where}: field 'tensor': expected the name of an unused file tensor; received {raw!r}")
+            if set(raw) != {"class", "tensor"} or not isinstance(file_name, str) or file_name not in stored or file_name in claimed:
+                raise CheckpointError(f"{where}: field 'tensor': expected the name of an unused file tensor; received {shown(raw)}")
             claimed.add(file_name)
             entries[name] = Entry(name, tensor=file_name)
         else:
             config, module = raw.get("config"), raw.get("module")
-            if not (config is None or isinstance(config, str)) or module not in (None, SWAP_MODULE):
-                raise CheckpointError(f"{where}: fields 'config' and 'module': expected a label or null and null or "
-                                      f"{SWAP_MODULE!r}; received {config!r} and {module!r}")
-            entries[name] = Entry(name, node=decode(raw, name, stored, claimed), config=config, module=module)
+            if not (config is None or isinstance(config, str)):
+                raise CheckpointError(f"{where}: field 'config': expected a config label or null; received {shown(config)}")
+            if module not in (None, SWAP_MODULE):
+                raise CheckpointError(f"{where}: field 'module': expected null or {SWAP_MODULE!r}; received {shown(module)}")
+            node = decode(raw, name, stored, claimed)
+            if config is not None:
+                check_label(config, node, where)
+            entries[name] = Entry(name, node=node, config=config, module=module)
     unused = sorted(set(stored) - claimed)
     if unused:
         raise CheckpointError(f"{checkpoint.path} is corrupt: file tensors {unused[:5]} are not referenced by the lowbit header")
@@ -193,7 +202,9 @@ def _materialize(entries, slots, reader: TensorReader):
             tensor = reader.read(entry.tensor).to(device)
             values[name] = nn.Parameter(tensor, requires_grad=slot.requires_grad) if slot.kind == "parameter" else tensor
             continue
-        inner = {n: reader.read(n).to(device) for n in entry.node.file_tensors()}
+        inner = {n: reader.read(n) for n in entry.node.file_tensors()}
+        check_values(entry.node, inner)
+        inner = {n: t.to(device) for n, t in inner.items()}
         try:
             weight = pack(build(entry.node, inner))
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:

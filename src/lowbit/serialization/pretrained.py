@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .codec import FLOAT_DTYPES
-from .container import CheckpointError, read_checkpoint
+from .container import CheckpointError, read_checkpoint, shown
 from .loading import load
 
 
@@ -79,11 +79,11 @@ def load_pretrained(directory: str | os.PathLike) -> nn.Module:
     cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"{checkpoint.path}: header field 'model.class': expected a model class of the transformers "
-                              f"module; received {name!r} (build the model yourself and call lowbit.load)")
+                              f"module; received {shown(name)} (build the model yourself and call lowbit.load)")
     dtype = info.get("dtype")
-    if dtype not in FLOAT_DTYPES:
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{checkpoint.path}: header field 'model.dtype': expected one of {sorted(FLOAT_DTYPES)}; "
-                              f"received {dtype!r}")
+                              f"received {shown(dtype)}")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: expected a directory saved by lowbit.save from a "
                                 f"transformers model")

@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 
 from .codec import dtype_name
-from .container import read_checkpoint
+from .container import CheckpointError, read_checkpoint, shown
 from .loading import decode_entries
 
 
@@ -35,7 +35,7 @@ def describe(path: str | os.PathLike) -> dict:
         ('int8', 1064)
     """
     checkpoint = read_checkpoint(path)
-    entries, stored, raw = decode_entries(checkpoint), checkpoint.tensors, checkpoint.header["entries"]
+    entries, stored = decode_entries(checkpoint), checkpoint.tensors
     rows = []
     for name, entry in entries.items():
         source = entries[entry.tied_to] if entry.tied_to is not None else entry
@@ -46,7 +46,7 @@ def describe(path: str | os.PathLike) -> dict:
                    "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "bytes": tensor.nbytes}
         else:
             block = node.fields.get("weight", node)
-            row = {"class": node.cls.__name__, "scheme": raw[source.name].get("scheme"), "config": source.config,
+            row = {"class": node.cls.__name__, "scheme": node.scheme, "config": source.config,
                    "qtype": block.meta["qtype"], "block_size": list(block.meta["block_size"]), "shape": list(node.shape),
                    "dtype": dtype_name(node.dtype), "bytes": sum(stored[n].nbytes for n in node.file_tensors())}
         if entry.tied_to is not None:
@@ -67,4 +67,18 @@ def describe(path: str | os.PathLike) -> dict:
     }
     header = checkpoint.header
     return {"path": str(checkpoint.path), "format_version": header["format_version"],
-            "lowbit_version": header.get("lowbit_version"), "model": header.get("model"), "tensors": rows, "totals": totals}
+            "lowbit_version": _text(header.get("lowbit_version"), "lowbit_version", checkpoint.path),
+            "model": _model(header.get("model"), checkpoint.path), "tensors": rows, "totals": totals}
+
+
+def _text(value, field: str, path) -> str | None:
+    if not (value is None or isinstance(value, str)):
+        raise CheckpointError(f"{path}: header field {field!r}: expected a string or null; received {shown(value)}")
+    return value
+
+
+def _model(record, path) -> dict | None:
+    """The header's model record: null, or an object of strings (or nulls) such as ``class``, ``module``, ``dtype``."""
+    if not (record is None or isinstance(record, dict)):
+        raise CheckpointError(f"{path}: header field 'model': expected a JSON object or null; received {shown(record)}")
+    return None if record is None else {key: _text(value, f"model.{key}", path) for key, value in record.items()}
