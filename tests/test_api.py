@@ -1,6 +1,7 @@
 """quantize_: every config, filter_fn, and bad input rejected before anything changes."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -23,15 +24,42 @@ def _assert_unchanged(model, snapshot):
         torch.testing.assert_close(now[key], value, rtol=0, atol=0, equal_nan=True)
 
 
+INT8_CONFIGS = (lowbit.Int8WeightOnly, lowbit.Int8DynamicActivation)
+
+
+def _int8_error_bound(config, x, weight):
+    """The largest |quantized - float| per output of ``x @ weight.T`` the int8 steps allow:
+    sum_k |x_k| * step_nk / 2 (weight step: max|W| / 127 per row or group) and, for quantized activations,
+    sum_k |W^_nk| * step_x / 2 (per token: max|x| / 127, or (max(x, 0) - min(x, 0)) / 255 with a zero
+    point), with |W^| <= |W| + step / 2; plus float32 rounding of a K-term dot product."""
+    group = config.group_size or weight.shape[1]
+    w_step = (weight.abs().unflatten(1, (-1, group)).amax(-1, keepdim=True) / 127).expand(-1, -1, group).flatten(1)
+    bound = x.abs() @ (w_step / 2).T
+    if isinstance(config, lowbit.Int8DynamicActivation):
+        if config.act_symmetric:
+            x_step = x.abs().amax(-1, keepdim=True) / 127
+        else:
+            x_step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255
+        bound = bound + x_step / 2 * (weight.abs() + w_step / 2).sum(1)
+    return bound + weight.shape[1] * torch.finfo(torch.float32).eps * (x.abs() @ weight.abs().T)
+
+
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
 def test_every_config_quantizes_and_stays_close(config, device):
     model = MLP().to(device)
     x = torch.randn(8, 64, device=device)
     expected = model(x)
+    hidden, floats = torch.relu(model.fc1(x)).detach(), [model.fc1.weight.detach().clone(), model.fc2.weight.detach().clone()]
     lowbit.quantize_(model, config)
     assert isinstance(model.fc1, nn.Linear) and isinstance(model.fc1.weight, lowbit.QuantizedTensor)
     assert not model.fc1.weight.requires_grad
-    assert relative_error(model(x), expected) < (0.15 if isinstance(config, lowbit.Int4WeightOnly) else 0.05)
+    if isinstance(config, INT8_CONFIGS):  # each layer within the bound its quantization steps give
+        with torch.no_grad():
+            for layer, inputs, weight in ((model.fc1, x, floats[0]), (model.fc2, hidden, floats[1])):
+                error = (layer(inputs) - F.linear(inputs, weight, layer.bias)).abs()
+                assert (error <= _int8_error_bound(config, inputs, weight)).all()
+    else:
+        assert relative_error(model(x), expected) < (0.15 if isinstance(config, lowbit.Int4WeightOnly) else 0.05)
 
 
 def test_configs_are_frozen_and_importable():
@@ -54,6 +82,58 @@ def test_configs_are_frozen_and_importable():
 def test_bad_config_values_raise(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: lowbit.Int8WeightOnly(group_size=True), r"group_size must be a positive int or None; received True"),
+        (lambda: lowbit.Int8DynamicActivation(group_size=False), r"group_size must be a positive int or None; received False"),
+        (lambda: lowbit.Int4WeightOnly(group_size=True), r"group_size must be a positive int or None; received True"),
+        (lambda: lowbit.Int4WeightOnly(group_size=128.0), r"group_size must be a positive int or None; received 128.0"),
+        (lambda: lowbit.Int4WeightOnly(symmetric=1), r"symmetric must be True or False; received 1 \(int\)"),
+        (lambda: lowbit.Int8DynamicActivation(act_symmetric="no"), r"act_symmetric must be True or False; received 'no'"),
+        (lambda: lowbit.StaticInt8(act_symmetric=0), r"act_symmetric must be True or False; received 0 \(int\)"),
+        (lambda: lowbit.StaticInt8(smoothing=True), r"smoothing must be None or a number in \[0, 1\]; received True"),
+        (lambda: lowbit.StaticInt8(observer=None), r"observer must be a str; received None"),
+        (lambda: lowbit.Int8WeightOnly(kernel=None), r"kernel must be a str; received None"),
+        (lambda: lowbit.Float8DynamicActivation(granularity=1), r"granularity must be a str; received 1"),
+    ],
+    ids=["int8-bool-group", "dynamic-bool-group", "int4-bool-group", "int4-float-group", "int4-int-symmetric",
+         "dynamic-str-symmetric", "static-int-symmetric", "static-bool-smoothing", "static-none-observer",
+         "none-kernel", "float8-int-granularity"],
+)
+def test_wrong_types_in_config_fields_raise(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_meta_weights_raise_naming_the_tensor_and_model_unchanged():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"0\.weight is on the meta device.*cannot be quantized.*lowbit\.load\(model, file\)"):
+        lowbit.quantize_(model, lowbit.Int8WeightOnly())
+    with pytest.raises(ValueError, match=r"0\.weight is on the meta device"):
+        lowbit.prepare(model, lowbit.StaticInt8())
+    assert all(type(p) is nn.Parameter and p.is_meta for p in model.parameters())
+    assert not any(hasattr(m, "lowbit_observer") for m in model.modules())
+
+
+def test_prepared_model_cannot_be_quantized_and_quantized_cannot_be_prepared():
+    model = lowbit.prepare(MLP(), lowbit.StaticInt8(), filter_fn=lambda m, fqn: fqn == "fc1")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"prepared for static quantization \(observers on \['fc1'\]\).*lowbit.convert"):
+        lowbit.quantize_(model, lowbit.Int8DynamicActivation(), filter_fn=lambda m, fqn: fqn == "fc2")
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"\['fc1'\] are already prepared"):
+        lowbit.prepare(model, lowbit.StaticInt8())
+    _assert_unchanged(model, before)
+    lowbit.calibrate(model, [torch.randn(4, 64)], progress=False)
+    lowbit.convert(model)  # the refused calls left a model that converts
+    assert isinstance(model.fc1.weight, lowbit.StaticActivationTensor)
+    with pytest.raises(ValueError, match=r"fc1.weight is already quantized \(StaticActivationTensor\)"):
+        lowbit.prepare(model, lowbit.StaticInt8())
+    assert not hasattr(model.fc2, "lowbit_observer")
 
 
 def test_group_size_not_dividing_leaves_model_unchanged():
@@ -88,7 +168,7 @@ def test_unsupported_layer_selected_by_filter():
 def test_embedding_only_with_weight_only_configs():
     model = nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 8))
     pick_all = lambda m, n: isinstance(m, (nn.Linear, nn.Embedding))  # noqa: E731
-    with pytest.raises(ValueError, match="quantizes linear weights only; filter_fn selected the nn.Embedding '0'"):
+    with pytest.raises(ValueError, match="quantizes linear weights only, not nn.Embedding; filter_fn selected '0' of type Embedding"):
         lowbit.quantize_(copy.deepcopy(model), lowbit.Int8DynamicActivation(), filter_fn=pick_all)
     for config in WEIGHT_ONLY_CONFIGS:
         quantized = lowbit.quantize_(copy.deepcopy(model), config, filter_fn=pick_all)
@@ -192,3 +272,26 @@ def test_named_kernel_that_cannot_take_the_layout_raises_before_changes():
     with pytest.raises(RuntimeError, match="'int_mm16'.*handles \\['per_row'\\] weights, not per_group"):
         lowbit.quantize_(model, lowbit.Int8WeightOnly(group_size=32, kernel="int_mm16"))
     _assert_unchanged(model, before)
+
+
+class RawLinearModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 32)
+        self.embed = nn.Embedding(10, 64)
+        self.head = RawLinear(32, 16)
+
+    def forward(self, x):
+        return self.head(self.proj(x))
+
+
+def test_default_filter_warns_about_2d_weights_it_leaves_float():
+    model = RawLinearModel()
+    with pytest.warns(UserWarning, match=r"1 other modules with 2-D weights stay float: \['head \(RawLinear\)'\]"):
+        lowbit.quantize_(model, lowbit.Int8WeightOnly())
+    assert isinstance(model.proj.weight, lowbit.Int8Tensor) and type(model.head.weight) is nn.Parameter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a filter_fn says what the user wants; embeddings are opt-in
+        lowbit.quantize_(RawLinearModel(), lowbit.Int8WeightOnly(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        lowbit.quantize_(MLP(), lowbit.Int8WeightOnly())
+        lowbit.quantize_(nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 8)), lowbit.Int8WeightOnly())

@@ -65,3 +65,21 @@ def test_fuse_refuses_training_mode_and_wrong_pairs():
     assert torch.equal(model[0].weight, before) and isinstance(model[1], nn.BatchNorm2d)
     with pytest.raises(ValueError, match="Conv/ConvTranspose/Linear"):
         lowbit.fuse(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)).eval(), [["0", "1"]])
+
+
+def test_fuse_validates_every_pair_before_folding():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _randomise_norm(nn.BatchNorm2d(4)), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), _randomise_norm(nn.BatchNorm2d(4))).eval()
+    lowbit.quantize_(model, lowbit.Int8WeightOnly(), filter_fn=lambda m, fqn: fqn == "3")
+    first = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"float weight of '3', which is already quantized \(Int8Tensor\): fold BatchNorm first"):
+        lowbit.fuse(model)
+    assert torch.equal(model[0].weight, first) and isinstance(model[1], nn.BatchNorm2d) and isinstance(model[4], nn.BatchNorm2d)
+
+
+def test_fuse_folds_each_module_once():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _randomise_norm(nn.BatchNorm2d(4)), _randomise_norm(nn.BatchNorm2d(4))).eval()
+    first = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="folds each layer and BatchNorm once; '0' is in two pairs"):
+        lowbit.fuse(model, [["0", "1"], ["0", "2"]])
+    assert torch.equal(model[0].weight, first) and isinstance(model[1], nn.BatchNorm2d)

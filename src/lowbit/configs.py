@@ -60,10 +60,19 @@ def _check_group_size(config, allowed=None) -> None:
     group = config.group_size
     if group is None:
         return
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:  # True would become group size 1
+        raise ValueError(f"{type(config).__name__} group_size must be a positive int or None; received {group!r}")
     if allowed is not None and group not in allowed:
         raise ValueError(f"{type(config).__name__} group_size must be one of {allowed}; received {group}")
-    if not isinstance(group, int) or group < 1:
-        raise ValueError(f"{type(config).__name__} group_size must be a positive int or None; received {group!r}")
+
+
+def _check_types(config, bools: tuple[str, ...] = (), strs: tuple[str, ...] = ("kernel",)) -> None:
+    """Fields that must be a bool or a str (an int where a bool belongs is refused, as a bool where an int does)."""
+    for names, kind, what in ((bools, bool, "True or False"), (strs, str, "a str")):
+        for name in names:
+            value = getattr(config, name)
+            if not isinstance(value, kind):
+                raise ValueError(f"{type(config).__name__} {name} must be {what}; received {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class Int8WeightOnly(QuantConfig):
     supports_conv = True
 
     def __post_init__(self):
+        _check_types(self)
         _check_group_size(self)
 
     def quantize_weight(self, weight, name, block_size=None, groups=None):
@@ -105,6 +115,7 @@ class Int4WeightOnly(QuantConfig):
     supports_embedding = True
 
     def __post_init__(self):
+        _check_types(self, bools=("symmetric",))
         _check_group_size(self, INT4_GROUP_SIZES)
 
     def quantize_weight(self, weight, name, block_size=None, groups=None):
@@ -127,6 +138,7 @@ class Int8DynamicActivation(QuantConfig):
     qtype = "int8"
 
     def __post_init__(self):
+        _check_types(self, bools=("act_symmetric",))
         _check_group_size(self)
 
     def quantize_weight(self, weight, name, block_size=None, groups=None):
@@ -149,6 +161,7 @@ class Float8WeightOnly(QuantConfig):
     supports_embedding = True
 
     def __post_init__(self):
+        _check_types(self)
         float8_qtype(self.float8_dtype)
 
     def quantize_weight(self, weight, name, block_size=None, groups=None):
@@ -170,6 +183,7 @@ class Float8DynamicActivation(QuantConfig):
         return float8_qtype(self.float8_dtype).name
 
     def __post_init__(self):
+        _check_types(self, strs=("kernel", "granularity"))
         if self.granularity not in FLOAT8_GRANULARITIES:
             raise ValueError(f"granularity must be one of {FLOAT8_GRANULARITIES}; received {self.granularity!r}")
         float8_qtype(self.float8_dtype)
@@ -214,9 +228,11 @@ class StaticInt8(QuantConfig):
     supports_conv = True
 
     def __post_init__(self):
+        _check_types(self, bools=("act_symmetric",), strs=("kernel", "observer"))
         _check_observer(self.observer)
-        if self.smoothing is not None and not 0 <= self.smoothing <= 1:
-            raise ValueError(f"smoothing must be None or in [0, 1]; received {self.smoothing}")
+        alpha = self.smoothing
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+            raise ValueError(f"smoothing must be None or a number in [0, 1]; received {alpha!r}")
 
     def quantize_weight(self, weight, name, block_size=None, groups=None):
         return Int8Tensor.from_float(weight, block_size or self.block_size_for(weight.shape), kernel=self.kernel, name=name, groups=groups)
@@ -235,6 +251,7 @@ class StaticFloat8(QuantConfig):
     act_symmetric = True
 
     def __post_init__(self):
+        _check_types(self, strs=("kernel", "observer"))
         float8_qtype(self.float8_dtype)
         _check_observer(self.observer)
 

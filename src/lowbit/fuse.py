@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .tensors.base import QuantizedTensor
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -43,8 +45,13 @@ def fuse(model: nn.Module, pairs: Sequence[Sequence[str]] | None = None) -> nn.M
             if isinstance(first, _CONVS + _TRANSPOSED + (nn.Linear,)) and isinstance(second, _NORMS)
         ]
     plan = [(model.get_submodule(p[0]), model.get_submodule(p[1]), p) for p in pairs]
+    seen: dict[int, str] = {}
     for layer, norm, names in plan:  # validate every pair before changing anything
         _check_pair(layer, norm, names)
+        for module, name in ((layer, names[0]), (norm, names[1])):
+            if id(module) in seen:
+                raise ValueError(f"fuse folds each layer and BatchNorm once; {name!r} is in two pairs")
+            seen[id(module)] = name
     for layer, norm, names in plan:
         _fold(layer, norm)
         parent, _, child = names[1].rpartition(".")
@@ -56,6 +63,9 @@ def _check_pair(layer, norm, names) -> None:
     if not isinstance(layer, _CONVS + _TRANSPOSED + (nn.Linear,)) or not isinstance(norm, _NORMS):
         raise ValueError(f"fuse folds a BatchNorm into a Conv/ConvTranspose/Linear; received {names[0]!r} "
                          f"({type(layer).__name__}) and {names[1]!r} ({type(norm).__name__})")
+    if isinstance(layer.weight, QuantizedTensor):
+        raise ValueError(f"fuse scales the float weight of {names[0]!r}, which is already quantized "
+                         f"({type(layer.weight).__name__}): fold BatchNorm first, then quantize")
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if norm.num_features != channels or norm.running_mean is None:
         raise ValueError(f"{names[1]!r} needs running statistics over {channels} channels to fold into {names[0]!r}; "

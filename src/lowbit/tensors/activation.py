@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..primitives.qtypes import get_qtype
 from .base import QuantizedTensor, return_view
-from .blockwise import CONV_FUNCTIONS, BlockQuantizedTensor, conv_impl, run_kernel, with_packing
+from .blockwise import CONV_FUNCTIONS, BlockQuantizedTensor, addmm_function, conv_impl, run_kernel, transposed, with_packing
 
 aten = torch.ops.aten
 
@@ -132,6 +132,10 @@ def _linear(input, weight, bias=None):
     if not isinstance(weight, DynamicActivationTensor) or isinstance(input, QuantizedTensor):
         raise NotImplementedError(f"F.linear supports a plain input and a quantized weight; received {type(input).__name__}")
     return run_kernel("linear", weight, input, bias)
+
+
+DynamicActivationTensor.implements_function(torch.addmm)(  # transformers' Conv1D: x @ W + bias
+    addmm_function(lambda weight: weight.with_weight(transposed(weight.weight, 0, 1))))
 
 
 class StaticActivationTensor(DynamicActivationTensor):

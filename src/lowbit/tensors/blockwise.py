@@ -28,8 +28,10 @@ class BlockQuantizedTensor(QuantizedTensor):
 
     tensor_names = ("qdata", "scale")
     optional_tensor_names = ("zero_point",) + PACKED_NAMES
-    meta_names = ("qtype", "block_size", "packed_dim", "kernel", "groups", "packed_for")
-    optional_meta_names = ("groups", "packed_for")  # a conv weight's groups; the scheme packed fields serve
+    meta_names = ("qtype", "block_size", "packed_dim", "kernel", "groups", "packed_for", "packed_transposed")
+    # a conv weight's groups; the scheme packed fields serve; True when they serve this tensor's transpose
+    # (a weight applied as ``x @ W``, such as transformers' Conv1D: see :func:`transposed`)
+    optional_meta_names = ("groups", "packed_for", "packed_transposed")
     scheme: ClassVar[str] = "block"
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -39,13 +41,15 @@ class BlockQuantizedTensor(QuantizedTensor):
         """The same tensor without kernel-packed fields (what views and files carry)."""
         if all(getattr(self, n) is None for n in PACKED_NAMES):
             return self
-        return self.rebuild(**{n: None for n in PACKED_NAMES}, packed_for=None)
+        return self.rebuild(**{n: None for n in PACKED_NAMES}, packed_for=None, packed_transposed=None)
 
     def copied(self, fn) -> "BlockQuantizedTensor":
         """``fn`` applied to the canonical inner tensors, then packed again for the same kernel (kernel
         layouts such as oneDNN's opaque weights cannot be copied, moved or pickled themselves)."""
         if self.packed_for is None:
             return self.map_tensors(fn)
+        if self.packed_transposed:
+            return transposed(transposed(self, 0, 1).copied(fn), 0, 1)
         return with_packing(self.canonical().map_tensors(fn), self.packed_for)
 
     def __reduce_ex__(self, protocol):
@@ -54,7 +58,9 @@ class BlockQuantizedTensor(QuantizedTensor):
         return _unpickle_packed, (self.canonical(), self.packed_for, self.extra_state())
 
     def kernel_inputs(self) -> tuple[dict, dict]:
-        """Plain tensors and metadata handed to kernels."""
+        """Plain tensors and metadata handed to kernels (packed fields only where they serve this orientation)."""
+        if self.packed_transposed:
+            return self.canonical().kernel_inputs()
         return self.fields(), self.meta
 
     def storage_bytes(self) -> int:
@@ -85,11 +91,23 @@ def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> Blo
     for its own kernel).
     """
     canonical, scheme = weight.canonical(), scheme or weight.scheme
+    if applied_transposed(weight):  # pack the linear weight W^T it serves, in a contiguous layout for the kernels
+        linear = transposed(canonical, 0, 1).map_tensors(torch.Tensor.contiguous)
+        return transposed(with_packing(linear, scheme), 0, 1)
     op = "linear" if weight.groups is None else "conv"
     kernel = select_kernel(op, scheme, weight.device.type, _preference(op, weight), layout(weight.meta))
     if kernel.pack is None:
         return canonical
     return canonical.rebuild(**kernel.pack(canonical.fields(), canonical.meta), packed_for=scheme)
+
+
+def applied_transposed(weight: BlockQuantizedTensor) -> bool:
+    """Whether ``weight`` serves a linear as ``x @ W`` (transformers' Conv1D stores (in, out)): its packed fields
+    say so, or, for a canonical tensor, its blocks run along dim 0 (one scale per column or per column group)."""
+    if weight.packed_transposed:
+        return True
+    block = weight.block_size
+    return weight.dim() == 2 and weight.groups is None and block[1] == 1 < block[0]
 
 
 def _unpickle_packed(canonical: BlockQuantizedTensor, scheme: str, extra: dict) -> BlockQuantizedTensor:
@@ -138,7 +156,7 @@ def _copy_(func, args, kwargs):
     for name, t in dst.canonical().fields().items():
         t.copy_(getattr(src, name))
     wanted = [n for n in PACKED_NAMES if getattr(dst, n) is not None]
-    if any(getattr(src, n) is None for n in wanted):  # a canonical source: pack it for dst's kernel
+    if src.packed_transposed != dst.packed_transposed or any(getattr(src, n) is None for n in wanted):  # pack for dst
         src = with_packing(dst, dst.packed_for)
     for name in wanted:
         if getattr(src, name) is not None:
@@ -147,17 +165,25 @@ def _copy_(func, args, kwargs):
 
 
 def transposed(self: BlockQuantizedTensor, dim0: int, dim1: int) -> BlockQuantizedTensor:
-    """Swap two dims of every inner tensor (a strided view, also for packed 4-bit data)."""
+    """Swap two dims of every inner tensor (a strided view, also for packed 4-bit data).
+
+    A 2-D weight's kernel-packed fields serve the one linear op of W and W^T, so they stay, with
+    ``packed_transposed`` saying which orientation they serve (``x @ W.t()`` and a Conv1D's ``x @ W``
+    keep the fast path)."""
     d0, d1 = _dim(self, dim0), _dim(self, dim1)
     swap = {d0: d1, d1: d0}
     order = [swap.get(d, d) for d in range(self.dim())]
     packed = self.packed_dim
-    return self.canonical().map_tensors(
+    out = self.canonical().map_tensors(
         lambda t: t.transpose(d0, d1),
         shape=[self.shape[d] for d in order],
         block_size=tuple(self.block_size[d] for d in order),
         packed_dim=None if packed is None else swap.get(packed, packed),
     )
+    if self.packed_for is None or self.dim() != 2 or d0 == d1:
+        return out
+    kept = {n: getattr(self, n) for n in PACKED_NAMES}
+    return out.rebuild(**kept, packed_for=self.packed_for, packed_transposed=None if self.packed_transposed else True)
 
 
 @BlockQuantizedTensor.implements(aten.t.default)
@@ -294,6 +320,33 @@ def _linear(input, weight, bias=None):
             f"weight {type(weight).__name__}"
         )
     return run_kernel("linear", weight, input, bias)
+
+
+def addmm_function(transpose):
+    """``torch.addmm(bias, x, W)`` with a quantized ``W`` of shape (in, out), as transformers' Conv1D calls it:
+    the linear kernel on ``transpose(W)`` with the bias fused. W^T is built outside the dispatcher (inference mode
+    allows no view ops on parameters there) and, in eager mode, once per weight: it shares W's inner tensors, and
+    building it costs as much as a small layer's kernel. Other forms run the ATen ops (``aten.addmm``)."""
+
+    def linear_weight(weight):
+        if torch.compiler.is_compiling():
+            return transpose(weight)
+        cache = weight._built()  # per-object state that copies and pickles leave out
+        if "transposed" not in cache:
+            cache["transposed"] = transpose(weight)
+        return cache["transposed"]
+
+    def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+        plain = not isinstance(input, QuantizedTensor) and not isinstance(mat1, QuantizedTensor)
+        if plain and isinstance(mat2, QuantizedTensor) and out is None and beta == 1 and alpha == 1 and input.shape == mat2.shape[1:]:
+            return run_kernel("linear", linear_weight(mat2), mat1, input)
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha, out=out)
+
+    return addmm
+
+
+BlockQuantizedTensor.implements_function(torch.addmm)(addmm_function(lambda weight: transposed(weight, 0, 1)))
 
 
 @BlockQuantizedTensor.implements_function(F.embedding)
