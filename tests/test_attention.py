@@ -17,15 +17,31 @@ def _qkv(batch=2, heads=4, tokens=16, dim=32, dtype=torch.float32):
     return [torch.randn(batch, heads, tokens, dim, dtype=dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+def _round_trip(x, qtype, granularity, symmetric):
+    """x quantized and read back, written out from the formulas: per token (last dim) or per tensor,
+    scale = max|x| / qmax, or (max(x, 0) - min(x, 0)) / 255 with an integer zero point (asymmetric int8)."""
+    dims = (-1,) if granularity == "per_token" else tuple(range(x.dim()))
+    if qtype == "float8_e4m3fn":
+        scale = x.abs().amax(dim=dims, keepdim=True) / 448
+        return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+    if symmetric:
+        scale = x.abs().amax(dim=dims, keepdim=True) / 127
+        return torch.round(x / scale).clamp(-128, 127) * scale
+    lo, hi = x.amin(dim=dims, keepdim=True).clamp(max=0), x.amax(dim=dims, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 255
+    zero_point = (-128 - torch.round(lo / scale)).clamp(-128, 127)
+    return ((torch.round(x / scale) + zero_point).clamp(-128, 127) - zero_point) * scale
+
+
+@pytest.mark.parametrize("qtype, symmetric", [("int8", True), ("int8", False), ("float8_e4m3fn", True)])
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
-def test_sdpa_on_quantized_inputs_equals_sdpa_on_their_dequantized_values(qtype, granularity):
+def test_sdpa_on_quantized_inputs_attends_to_their_quantized_values(qtype, symmetric, granularity):
     q, k, v = _qkv()
-    quantized = [quantize_activation(x, qtype, granularity) for x in (q, k, v)]
+    quantized = [quantize_activation(x, qtype, granularity, symmetric=symmetric) for x in (q, k, v)]
     mask = torch.ones(16, 16, dtype=torch.bool).tril()
     out = F.scaled_dot_product_attention(*quantized, attn_mask=mask)
-    expected = F.scaled_dot_product_attention(*[x.dequantize() for x in quantized], attn_mask=mask)
-    torch.testing.assert_close(out, expected)
+    expected = F.scaled_dot_product_attention(*[_round_trip(x, qtype, granularity, symmetric) for x in (q, k, v)], attn_mask=mask)
+    assert torch.equal(out, expected)
     error = relative_error(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     assert error < (0.02 if qtype == "int8" else 0.06), error
 

@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 
 import lowbit
 
@@ -39,12 +38,15 @@ def test_cosine_similarity_to_float(minilm, config, minimum):
     assert cos.min() >= minimum
 
 
-@pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_figures_are_reported(minilm, group_size, record_property):
+# Measured cosine minima (avx512 / reference kernel): group 32 0.9536 / 0.9539, group 128 0.9310 / 0.9305.
+# The quantized weights are fixed; only kernel arithmetic varies (<= 5e-4 apart), and each floor sits ~10x
+# that below the lower measurement.
+@pytest.mark.parametrize("group_size, minimum", [(32, 0.95), (128, 0.925)])
+def test_int4_cosine_similarity_to_float(minilm, group_size, minimum, record_property):
     cos = cosines(minilm, lowbit.Int4WeightOnly(group_size=group_size))
     record_property("cosine_min", float(cos.min()))
     print(f"Int4WeightOnly(group_size={group_size}): cosine min {cos.min():.5f} mean {cos.mean():.5f}")
-    assert torch.isfinite(cos).all() and cos.min() > 0.5  # a sanity floor, not a target
+    assert cos.min() >= minimum
 
 
 def test_sentences_for_evaluation_and_calibration_are_disjoint():
