@@ -44,26 +44,6 @@ def _int8_error_bound(config, x, weight):
     return bound + weight.shape[1] * torch.finfo(torch.float32).eps * (x.abs() @ weight.abs().T)
 
 
-INT8_CONFIGS = (lowbit.Int8WeightOnly, lowbit.Int8DynamicActivation)
-
-
-def _int8_error_bound(config, x, weight):
-    """The largest |quantized - float| per output of ``x @ weight.T`` the int8 steps allow:
-    sum_k |x_k| * step_nk / 2 (weight step: max|W| / 127 per row or group) and, for quantized activations,
-    sum_k |W^_nk| * step_x / 2 (per token: max|x| / 127, or (max(x, 0) - min(x, 0)) / 255 with a zero
-    point), with |W^| <= |W| + step / 2; plus float32 rounding of a K-term dot product."""
-    group = config.group_size or weight.shape[1]
-    w_step = (weight.abs().unflatten(1, (-1, group)).amax(-1, keepdim=True) / 127).expand(-1, -1, group).flatten(1)
-    bound = x.abs() @ (w_step / 2).T
-    if isinstance(config, lowbit.Int8DynamicActivation):
-        if config.act_symmetric:
-            x_step = x.abs().amax(-1, keepdim=True) / 127
-        else:
-            x_step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255
-        bound = bound + x_step / 2 * (weight.abs() + w_step / 2).sum(1)
-    return bound + weight.shape[1] * torch.finfo(torch.float32).eps * (x.abs() @ weight.abs().T)
-
-
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
 def test_every_config_quantizes_and_stays_close(config, device):
     model = MLP().to(device)
