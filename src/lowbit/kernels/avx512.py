@@ -4,6 +4,11 @@ Small batches (a few rows) are memory bound: a GEMV decodes int8/float8 weights 
 registers and reads each weight byte once. Larger batches are compute bound: weights are decoded
 to bfloat16 (exact for float8; int4 values times their scale rounded to bf16) and multiplied by
 oneDNN's bf16 GEMM, or int8 weights go through two int8 GEMMs (:mod:`lowbit.kernels.cpu`).
+
+Non-finite activations follow the rule of every kernel (:mod:`lowbit.kernels.reference`): the native row
+quantizers and the bf16 conversion report a row holding a NaN by a NaN row scale, which the epilogues
+multiply into every output of the row; +-inf saturate at the row's range (the float8 GEMV saturates its
+float activations before the products).
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .cpu import colsum, finish, int8_dynamic_int_mm, weight_colsum
-from .reference import fake_quantize_activation
+from .cpu import colsum, finish, int8_dynamic_int_mm, int_mm, weight_colsum
+from .reference import fake_quantize_activation, mark_nan_rows
 from .ops import custom_op
 from .registry import register_kernel
 
@@ -35,7 +40,8 @@ def _lib():
 @custom_op("lowbit::float8_gemv")
 def float8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y (M, N) = (x (M, K) @ weight (N, K)^T) * scale (N,) + bias for e4m3 codes (as uint8) and a few rows,
-    the codes decoded in registers (by byte-table lookup where the CPU has AVX512-VBMI)."""
+    the codes decoded in registers (by byte-table lookup where the CPU has AVX512-VBMI); +-inf in x saturate
+    at their row's largest finite magnitude."""
     x = x.contiguous().float()
     weight = weight.contiguous()
     scale, bias = _vector(scale).expand(weight.shape[0]).contiguous(), _vector(bias)
@@ -63,9 +69,23 @@ def _scratch(numel: int) -> torch.Tensor:
     return buffer[:numel]
 
 
+def bf16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float activations (M, K) rounded to bf16 for a bf16 GEMM by the non-finite rule: ``(rows, row_scale (M,))``
+    with +-inf saturated at the row's largest finite magnitude, and row_scale NaN for a row holding a NaN
+    (its outputs become NaN in the epilogue), else 1."""
+    x = x.contiguous().float()
+    rows, row_scale = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape[0])
+    _lib().lowbit_rows_to_bf16(x.data_ptr(), rows.data_ptr(), row_scale.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+    return rows, row_scale
+
+
 def _decoded_linear(x: torch.Tensor, n: int, decode_rows, w_scale=None, row_scale=None, bias=None) -> torch.Tensor:
     """(M, K) @ W^T with W decoded to bf16 one cache-sized block of rows at a time, then per block one pass
-    for the bf16 -> float32 widening, ``w_scale`` (N,), ``row_scale`` (M, 1) and ``bias`` -> (M, N) float32."""
+    for the bf16 -> float32 widening, ``w_scale`` (N,), ``row_scale`` (M,) and ``bias`` -> (M, N) float32.
+    Without ``row_scale`` x holds float activations, rounded to bf16 here (:func:`bf16_rows`); with it, x holds
+    values exact in bf16 (rounded to float8) and row_scale their per-row scale."""
+    if row_scale is None:
+        x, row_scale = bf16_rows(x)
     x = x.to(torch.bfloat16).contiguous()
     (m, k), threads = x.shape, torch.get_num_threads()
     rows = max(16, CHUNK_BYTES // (2 * k))
@@ -170,7 +190,7 @@ def int8_activation_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch
     q, x_scale, zero = torch.empty(m, k, dtype=torch.int8), torch.empty(m), torch.empty(m)
     _lib().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k,
                                      int(symmetric), 0, fixed_scale, fixed_zero, threads)
-    acc = torch._int_mm(q, weight.t())
+    acc = int_mm(q, weight.t())
     return _epilogue(acc, None, x_scale, None if symmetric else zero, row_sums, w_scale, bias, threads)
 
 
@@ -191,7 +211,7 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Ten
     halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
     _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, 0, threads)
     w_t = weight.t()
-    return _epilogue(torch._int_mm(halves[1], w_t), torch._int_mm(halves[0], w_t), x_scale, None, row_sums, w_scale, bias, threads)
+    return _epilogue(int_mm(halves[1], w_t), int_mm(halves[0], w_t), x_scale, None, row_sums, w_scale, bias, threads)
 
 
 @int8_weight_linear.register_fake
@@ -227,7 +247,7 @@ def int8_dynamic_avx512(x, tensors, meta, bias):
 @custom_op("lowbit::float8_rows")
 def float8_rows(x: torch.Tensor, act_scale: torch.Tensor | None = None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Float8 e4m3fn quantization per row (or with the static ``act_scale``): ``(r, scale)`` with r on
-    the e4m3 grid (float32, or bf16 where it is exact) and x ~= scale * r."""
+    the e4m3 grid (float32, or bf16 where it is exact) and x ~= scale * r; a row holding a NaN gets scale NaN."""
     x = x.contiguous().float()
     r, scale = torch.empty_like(x, dtype=torch.bfloat16 if bf16 else torch.float32), torch.empty(x.shape[0], 1)
     fixed = 0.0 if act_scale is None else float(act_scale.reshape(()))
@@ -274,7 +294,7 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
     path does), then the float8 weight kernel with the activation scale applied per row."""
     if meta["activation"].granularity != "per_token" or meta["activation"].qtype != "float8_e4m3fn":
         xq = fake_quantize_activation(x.detach(), meta["activation"])
-        out = finish(_float8_linear(xq.reshape(-1, x.shape[-1]), tensors, bias), x)
+        out = mark_nan_rows(finish(_float8_linear(xq.reshape(-1, x.shape[-1]), tensors, bias), x), x)
     else:
         out = _float8_rounded_linear(x, tensors, bias)
     return out

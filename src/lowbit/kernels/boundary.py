@@ -10,6 +10,7 @@ mode as under ``no_grad``; the dequantized weight is built only when backward ru
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .reference import dequantize_weight
 from .registry import Kernel
@@ -24,7 +25,35 @@ def call_kernel(kernel: Kernel, x: torch.Tensor, tensors: dict, meta: dict, bias
     """``kernel.fn(x, tensors, meta, bias)``, differentiable in ``x`` and ``bias`` when autograd asks."""
     if needs_grad(x, bias):
         return KernelGrad.apply(x, bias, kernel, tensors, meta)
+    return forward_values(kernel, x, tensors, meta, bias)
+
+
+def forward_values(kernel: Kernel, x: torch.Tensor, tensors: dict, meta: dict, bias: torch.Tensor | None):
+    """The kernel's result; an input without elements never reaches a kernel (no kernel is handed zero
+    rows) and gets the empty result PyTorch's float op gives."""
+    if x.numel() == 0:
+        return empty_result(kernel.op, x, meta, bias)
     return kernel.fn(x, tensors, meta, bias)
+
+
+def empty_result(op: str, x: torch.Tensor, meta: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """The float op's result for an ``x`` without elements: its shape, dtype and shape errors, found on
+    the meta device (nothing is computed or dequantized)."""
+    dtype = meta["dtype"] if op == "embedding" else x.dtype
+    weight = torch.empty(meta["shape"], dtype=dtype, device="meta")
+    x_meta, b = x.to("meta"), None if bias is None else torch.empty(bias.shape, dtype=dtype, device="meta")
+    if op == "linear":
+        out = F.linear(x_meta, weight, b)
+    elif op == "bmm":
+        out = torch.bmm(x_meta, weight)
+    elif op == "embedding":
+        out = F.embedding(x_meta, weight)
+    elif op == "conv":
+        func, args, kwargs = meta["conv"]
+        out = func(x_meta, weight, b, *args, **kwargs)
+    else:
+        raise NotImplementedError(f"lowbit has no empty-input rule for {op!r}")
+    return torch.empty(out.shape, dtype=out.dtype, device=x.device)
 
 
 def effective_weight(tensors: dict, meta: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -41,7 +70,7 @@ class KernelGrad(torch.autograd.Function):
     def forward(ctx, x, bias, kernel, tensors, meta):
         ctx.kernel, ctx.tensors, ctx.meta, ctx.x_shape = kernel, tensors, meta, x.shape
         ctx.save_for_backward(x if kernel.op == "conv" else None, bias)
-        return kernel.fn(x, tensors, meta, bias)
+        return forward_values(kernel, x, tensors, meta, bias)
 
     @staticmethod
     def backward(ctx, grad):

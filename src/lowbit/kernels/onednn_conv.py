@@ -92,6 +92,11 @@ def _(x, packed, w_scale, w_zero, bias, act_scale, act_zero, symmetric, stride, 
     return torch.empty(x.shape[0], packed.shape[0], *spatial, dtype=x.dtype, device=x.device, memory_format=_LAYOUTS[x.dim()])
 
 
+def _unbatched(x, meta) -> bool:
+    """Whether x is one unbatched input (C, *spatial), which PyTorch's convolutions take as a batch of one."""
+    return x.dim() == len(meta["shape"]) - 1
+
+
 def _fast_conv_args(x, meta, bias, convs=_CONVS):
     """(stride, padding, dilation, groups) when the fast kernel takes this call, else None: transposed
     convs and string padding take the reference path."""
@@ -104,6 +109,8 @@ def _fast_conv_args(x, meta, bias, convs=_CONVS):
                  qtypes=("int8",), requires=_requires, pack=_pack)
 def int8_static_conv_onednn(x, tensors, meta, bias):
     """Static int8 Conv1d/2d/3d: fused input quantization, prepacked u8s8 oneDNN convolution."""
+    if _unbatched(x, meta):
+        return int8_static_conv_onednn(x.unsqueeze(0), tensors, meta, bias).squeeze(0)
     conv_args = _fast_conv_args(x, meta, bias)
     if conv_args is None:
         return _static_conv(x, tensors, meta, bias)
@@ -150,6 +157,8 @@ def _(x, codes, w_scale, bias, act_scale, stride, padding, dilation, groups):
                  qtypes=("float8_e4m3fn",), requires=_requires_bf16)
 def float8_static_conv_onednn(x, tensors, meta, bias):
     """Static float8 Conv2d/3d: input rounded to e4m3 in bf16, oneDNN bf16 convolution, one epilogue pass."""
+    if _unbatched(x, meta):
+        return float8_static_conv_onednn(x.unsqueeze(0), tensors, meta, bias).squeeze(0)
     conv_args = _fast_conv_args(x, meta, bias, convs=_CONVS[1:])
     if conv_args is None or meta["activation"].qtype != "float8_e4m3fn":
         return _static_conv(x, tensors, meta, bias)

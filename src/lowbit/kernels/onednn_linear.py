@@ -12,7 +12,8 @@ weight-only int8: both halves as rows of one GEMM), oneDNN returns the exact int
 float32 (input scale 1, zero point 128, unit weight scales), and one fused pass applies the zero
 point correction, both scales and the bias. Few activation rows take the ``avx512`` one-call kernel
 (up to 8 with AMX, else 2), and weights under ``PACK_MIN_WEIGHTS`` elements are not packed: they
-take the ``avx512`` kernels.
+take the ``avx512`` kernels. Non-finite activations follow the rule of every kernel
+(:mod:`lowbit.kernels.reference`), through the same activation quantization and epilogue.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Dynamic activation kernels fake-quantize the activation (quantize then dequantize) with a
 straight-through gradient, so results match the integer math up to float rounding and autograd
 still reaches the input.
+
+Non-finite activations of linears follow one rule in every kernel: a NaN anywhere in an input row
+makes every output of that row NaN; +-inf saturate at the row's range (weight-only: the largest
+finite magnitude of the row; quantized activations: the quantization range's ends).
 """
 
 from __future__ import annotations
@@ -53,19 +57,40 @@ def fake_quantize_static(x: torch.Tensor, act, scale: torch.Tensor, zero_point) 
     return x + (xq - x).detach() if x.requires_grad else xq
 
 
-def _linear(x, tensors, meta, bias):
+def saturate_inf(x: torch.Tensor) -> torch.Tensor:
+    """x with every +-inf replaced by +-(the largest finite magnitude of its row, the last dim); NaN kept."""
+    finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.where(torch.isinf(x), torch.copysign(finite.abs().amax(-1, keepdim=True), x), x)
+
+
+def nan_rows(x: torch.Tensor) -> torch.Tensor:
+    """(*, 1) bool: which rows (along the last dim) of x hold a NaN."""
+    return torch.isnan(x).any(-1, keepdim=True)
+
+
+def mark_nan_rows(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` with every row whose input row in ``x`` holds a NaN set to NaN."""
+    return out.masked_fill(nan_rows(x), float("nan"))
+
+
+def _float_linear(x, tensors, meta, bias):
     return F.linear(x, dequantize_weight(tensors, meta, x.dtype), bias)
 
 
+def _linear(x, tensors, meta, bias):
+    """Weight-only: float activations, inf saturated; a NaN reaches its whole row through the products."""
+    return _float_linear(saturate_inf(x), tensors, meta, bias)
+
+
 def _dynamic_linear(x, tensors, meta, bias):
-    return _linear(fake_quantize_activation(x, meta["activation"]), tensors, meta, bias)
+    return mark_nan_rows(_float_linear(fake_quantize_activation(x, meta["activation"]), tensors, meta, bias), x)
 
 
 def _static_linear(x, tensors, meta, bias):
     if "act_smooth" in tensors:
         x = x / tensors["act_smooth"].to(x.dtype)
     xq = fake_quantize_static(x, meta["activation"], tensors["act_scale"], tensors.get("act_zero_point"))
-    return _linear(xq, tensors, meta, bias)
+    return mark_nan_rows(_float_linear(xq, tensors, meta, bias), x)
 
 
 def _bmm(x, tensors, meta, bias):

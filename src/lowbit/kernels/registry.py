@@ -51,7 +51,7 @@ class Kernel:
         granularity, qtype = weight_layout.split("/")
         if device_type not in self.devices:
             return f"runs on {sorted(self.devices)}, not {device_type}"
-        if self.granularities is not None and granularity not in self.granularities:
+        if self.granularities is not None and not self.granularities & set(granularity.split("+")):
             return f"handles {sorted(self.granularities)} weights, not {granularity}"
         if self.qtypes is not None and qtype not in self.qtypes:
             return f"handles {sorted(self.qtypes)} weights, not {qtype}"
@@ -59,18 +59,19 @@ class Kernel:
 
 
 def layout(meta) -> str:
-    """``"granularity/qtype"`` of a weight; granularity is per_tensor, per_row, per_group, per_channel
-    (one scale per output channel of a conv weight with dims > 2) or other."""
+    """``"granularities/qtype"`` of a weight, naming every granularity its blocks satisfy joined by ``+``
+    (a one-row weight is per_tensor and per_row, a per_row weight is per_group with one group):
+    per_tensor, per_channel (one scale per output channel of a conv weight with dims > 2), per_row,
+    per_group, or other when none holds."""
     shape, block = tuple(meta["shape"]), tuple(meta["block_size"])
-    if block == shape:
-        granularity = "per_tensor"
-    elif len(shape) > 2 and block[0] == 1 and block[1:] == shape[1:]:
-        granularity = "per_channel"
-    elif all(b == 1 for b in block[:-1]):
-        granularity = "per_row" if block[-1] == shape[-1] else "per_group"
-    else:
-        granularity = "other"
-    return f"{granularity}/{meta['qtype']}"
+    leading_ones = all(b == 1 for b in block[:-1])
+    holds = {
+        "per_tensor": block == shape,
+        "per_channel": len(shape) > 2 and block[0] == 1 and block[1:] == shape[1:],
+        "per_row": leading_ones and block[-1] == shape[-1],
+        "per_group": leading_ones,
+    }
+    return f"{'+'.join(name for name, ok in holds.items() if ok) or 'other'}/{meta['qtype']}"
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}

@@ -1,5 +1,33 @@
-/* GEMM epilogues: scales, zero points and bias applied to an integer or bf16 GEMM result in one pass. */
+/* GEMM epilogues: scales, zero points and bias applied to an integer or bf16 GEMM result in one pass; the bf16
+ * GEMM's float activations rounded to bf16 by the non-finite rule (common.h). */
 #include "common.h"
+
+/* One row of K floats -> bf16 (round half to even), clamped to [-lim, lim], NaN -> 0; which lanes held inf / NaN. */
+static inline void row_to_bf16(const float *row, uint16_t *dst, int64_t K, float lim, __mmask16 *infs, __mmask16 *nans) {
+    __m512 hi = _mm512_set1_ps(lim), lo = _mm512_set1_ps(-lim), inf = _mm512_set1_ps(__builtin_inff());
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(live, row + k);
+        __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+        *nans |= (__mmask16)~ordered;
+        *infs |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), inf, _CMP_EQ_OQ);
+        v = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_mov_ps(ordered, v), lo), hi);
+        _mm256_mask_storeu_epi16((void *)(dst + k), live, to_bf16(v));
+    }
+}
+
+/* Float activations x (M, K) -> bf16 rows out for a bf16 GEMM: +-inf saturate to +-(largest finite |x| of the
+ * row), a row holding a NaN is written with its NaNs as 0 and gets row_scale[m] = NaN (else 1), which
+ * lowbit_bf16_epilogue multiplies into the row's outputs. */
+void lowbit_rows_to_bf16(const float *x, uint16_t *out, float *row_scale, int64_t M, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        __mmask16 infs = 0, nans = 0;
+        row_to_bf16(x + m * K, out + m * K, K, __builtin_inff(), &infs, &nans);
+        if (infs) row_to_bf16(x + m * K, out + m * K, K, row_absmax(x + m * K, K), &infs, &nans);
+        row_scale[m] = nans ? __builtin_nanf("") : 1.0f;
+    }
+}
 
 static inline __m512 load_acc(const void *acc, int64_t i, __mmask16 live, int float_acc) {
     return float_acc ? _mm512_maskz_loadu_ps(live, (const float *)acc + i)

@@ -18,10 +18,36 @@ static inline float decode_e4m3_scalar(uint8_t b) {
     return (b & 0x80) ? -f : f;
 }
 
+/* x (M, K) itself when it holds no inf, else a copy (for the caller to free) with every +-inf replaced by
+ * +-(largest finite |x| of its row): float activations saturate as the integer kernels' activations do.
+ * NaN stays: it reaches every output of its row through the products. */
+static const float *saturate_inf_rows(const float *x, int64_t M, int64_t K) {
+    float *copy = NULL;
+    __m512 inf = _mm512_set1_ps(__builtin_inff());
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        __mmask16 seen = 0;
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            seen |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_maskz_loadu_ps(live, row + k)), inf, _CMP_EQ_OQ);
+        }
+        if (!seen) continue;
+        if (!copy) {
+            copy = (float *)malloc(sizeof(float) * M * K);
+            __builtin_memcpy(copy, x, sizeof(float) * M * K);
+        }
+        float amax = row_absmax(row, K);
+        for (int64_t k = 0; k < K; k++)
+            if (__builtin_isinf(row[k])) copy[m * K + k] = row[k] > 0 ? amax : -amax;
+    }
+    return copy ? copy : x;
+}
+
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]) for e4m3 weights, decoded in registers.
  * Four independent accumulators per activation row hide the FMA latency. */
-void lowbit_fp8_gemv(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
+void lowbit_fp8_gemv(const float *x_in, const uint8_t *w, const float *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int threads) {
+    const float *x = saturate_inf_rows(x_in, M, K);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * K;
@@ -57,6 +83,7 @@ void lowbit_fp8_gemv(const float *x, const uint8_t *w, const float *scale, const
             }
         }
     }
+    if (x != x_in) free((void *)x);
 }
 
 /* 32 e4m3fn codes -> 32 bfloat16 bit patterns, exactly (16-bit lanes; subnormals from a table). */
@@ -93,7 +120,7 @@ void lowbit_fp8_rows_to_bf16(const uint8_t *w, uint16_t *out, int64_t K, int64_t
 
 /* Per-row dynamic float8 e4m3fn quantization of x (M, K) as lowbit.primitives.affine does it:
  * scale = max|x| / 448 (floored at FLT_MIN, non-finite values ignored), v = clamp(x / scale, -448, 448)
- * rounded half-to-even to e4m3 (3 mantissa bits; steps of 2^-9 below 2^-6), NaN -> 0. Writes the
+ * rounded half-to-even to e4m3 (3 mantissa bits; steps of 2^-9 below 2^-6), NaN -> 0 (the row's scale NaN). Writes the
  * rounded values r (exact in bfloat16: float32, or bf16 bits when bf16_out) and the scale: x ~= scale[m] * r[m, :]. */
 void lowbit_float8_rows(const float *x, void *r, float *scale, int64_t M, int64_t K, float fixed_scale, int bf16_out,
                         int threads) {
@@ -101,16 +128,17 @@ void lowbit_float8_rows(const float *x, void *r, float *scale, int64_t M, int64_
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        float a = fixed_scale > 0 ? 0.0f : row_reduce(row, K, 1), b = fixed_scale > 0 ? 0.0f : -row_reduce(row, K, 0);
-        float s = fixed_scale > 0 ? fixed_scale : (a > b ? a : b) / 448.0f;
+        float s = fixed_scale > 0 ? fixed_scale : row_absmax(row, K) / 448.0f;
         if (s < 1.17549435e-38f) s = 1.17549435e-38f;
-        scale[m] = s;
         __m512 vs = _mm512_set1_ps(s), lim = _mm512_set1_ps(448.0f);
         __m512 small = _mm512_set1_ps(1.0f / 64.0f); /* 2^-6: smallest e4m3 normal */
+        __mmask16 nan = 0;
         for (int64_t k = 0; k < K; k += 16) {
             __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
             __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(live, row + k), vs);
-            v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v); /* NaN -> 0 */
+            __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+            nan |= (__mmask16)~ordered;
+            v = _mm512_maskz_mov_ps(ordered, v); /* NaN -> 0 */
             v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
             /* normal range: round the fp32 mantissa to 3 bits, half to even */
             __m512i bits = _mm512_castps_si512(v);
@@ -129,6 +157,7 @@ void lowbit_float8_rows(const float *x, void *r, float *scale, int64_t M, int64_
             else
                 _mm512_mask_storeu_ps((float *)r + m * K + k, live, rounded);
         }
+        scale[m] = nan ? __builtin_nanf("") : s;
     }
 }
 
@@ -208,8 +237,10 @@ VBMI_TARGET static inline __attribute__((always_inline)) void fp8_table_tile(
 }
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows (M <= 8 per pass) and e4m3 weights (as uint8). */
-VBMI_TARGET void lowbit_fp8_gemv_table(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y,
+VBMI_TARGET void lowbit_fp8_gemv_table(const float *x_in, const uint8_t *w, const float *scale, const float *bias, float *y,
                                          int64_t M, int64_t N, int64_t K, int threads) {
+    if (M <= 0 || N <= 0) return; /* an empty batch */
+    const float *x = saturate_inf_rows(x_in, M, K);
     __m512i table[4];
     e4m3_bf16_tables(table);
     int order[64];
@@ -247,4 +278,5 @@ VBMI_TARGET void lowbit_fp8_gemv_table(const float *x, const uint8_t *w, const f
         }
     }
     free(a);
+    if (x != x_in) free((void *)x);
 }

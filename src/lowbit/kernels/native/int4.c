@@ -144,6 +144,7 @@ static inline __attribute__((always_inline)) void int4_tile(
 
 void lowbit_int4_linear_small(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
                               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+    if (M <= 0 || N <= 0) return; /* an empty batch */
     int64_t groups = K / G, span = G < 128 ? 128 : G, span_groups = span / G; /* k and groups per step */
     int8_t *a = (int8_t *)aligned_alloc(64, ((2 * M * K + 63) / 64) * 64);
     int32_t *R = (int32_t *)malloc(sizeof(int32_t) * M * groups);

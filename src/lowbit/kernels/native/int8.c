@@ -8,7 +8,7 @@
  * symmetric: scale = max|x| / 127; asymmetric: scale = (max(x,0) - min(x,0)) / 255,
  * zero = clamp(-128 - round(min(x,0) / scale)); q = clamp(round(x / scale) + zero, -128, 127).
  * fixed_scale > 0: static quantization with a calibrated scale and zero point instead.
- * Scales are floored at FLT_MIN; NaN maps to the zero point, +-inf saturate.
+ * Scales are floored at FLT_MIN; NaN maps to the zero point (and makes *scale NaN), +-inf saturate.
  * Writes q (as uint8 q + 128 when offset128), *scale and *zero (0 when symmetric). */
 static void quantize_row_int8(const float *row, int8_t *q, float *scale, float *zero, int64_t K, int symmetric,
                               int offset128, float fixed_scale, float fixed_zero) {
@@ -33,11 +33,14 @@ static void quantize_row_int8(const float *row, int8_t *q, float *scale, float *
     *zero = z;
     __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z + (offset128 ? 128.0f : 0.0f));
     __m512 qmin = _mm512_set1_ps(offset128 ? 0.0f : -128.0f), qmax = _mm512_set1_ps(offset128 ? 255.0f : 127.0f);
+    __mmask16 nan = 0;
     for (int64_t k = 0; k < K; k += 16) {
         __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
         __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, row + k), vs),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r); /* NaN -> 0 */
+        __mmask16 ordered = _mm512_cmp_ps_mask(r, r, _CMP_ORD_Q);
+        nan |= (__mmask16)~ordered;
+        r = _mm512_maskz_mov_ps(ordered, r); /* NaN -> 0 */
         r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, vz), qmin), qmax);
         __m512i qi = _mm512_cvtps_epi32(r);
         if (offset128)
@@ -45,6 +48,7 @@ static void quantize_row_int8(const float *row, int8_t *q, float *scale, float *
         else
             _mm_mask_storeu_epi8(q + k, live, _mm512_cvtsepi32_epi8(qi));
     }
+    if (nan) *scale = __builtin_nanf("");
 }
 
 /* quantize_row_int8 for every row of x (M, K); scale and zero get one entry per row. */
@@ -156,6 +160,7 @@ AMX_TARGET static void amx_rows(const int8_t *w, const uint8_t *a, uint8_t *b, i
 void lowbit_int8_linear_small(const float *x, const int8_t *w, const float *w_scale, const float *colsum,
                               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int mode,
                               float fixed_scale, float fixed_zero, int use_amx, int threads) {
+    if (M <= 0 || N <= 0) return; /* an empty batch: no buffers, no AMX tile configured with zero columns */
     int split = mode == 0, R = split ? 2 * (int)M : (int)M; /* activation rows: hi rows, then lo rows */
     uint8_t *a = (uint8_t *)aligned_alloc(64, ((R * K + 63) / 64) * 64);
     float x_scale[MAX_SMALL_ROWS], offset[MAX_SMALL_ROWS];

@@ -1,0 +1,46 @@
+"""Every linear kernel on shapes below its tiles and odd sizes (K or N of 1, tails) agrees with the
+reference kernel within the bound of its path's math (see linear_cases)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import onednn_linear
+from lowbit.kernels.registry import kernel_names, layout, select_kernel
+from linear_cases import FAST_CASES, assert_within, case_id, error_bound, quantized, reference_of
+
+KS = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 65, 127, 129]
+INT4_KS = [32, 96, 128, 160, 256]  # multiples of the group: with and without the GEMV's 128-k blocks
+NS = [1, 2, 15, 16, 17, 33]
+MS = [1, 2, 7, 8, 9, 17, 33]  # both sides of every kernel's few-row limit
+SHAPE_CASES = [(case, k) for case in FAST_CASES for k in (INT4_KS if case.scheme == "int4" else KS)]
+
+
+@pytest.fixture(autouse=True)
+def pack_small(monkeypatch):
+    """The oneDNN kernel packs these small weights too (real models pack only weights of 2^20 elements or more)."""
+    monkeypatch.setattr(onednn_linear, "PACK_MIN_WEIGHTS", 0)
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("config, k", SHAPE_CASES, ids=lambda v: case_id(v) if hasattr(v, "label") else f"K{v}")
+def test_kernel_matches_reference_on_small_and_odd_shapes(config, k, n):
+    weight, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
+    fast, ref = quantized(config, weight), reference_of(config, weight)
+    for m in MS:
+        x = torch.randn(m, k) * torch.linspace(0.1, 4, k)
+        expected = F.linear(x, ref, bias)
+        assert_within(F.linear(x, fast, bias), expected, error_bound(config, ref, x, bias), f"M={m} K={k} N={n}")
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1), (16, 32)], ids=str)
+def test_one_row_and_one_group_weights_take_the_fast_kernels(shape):
+    """A one-row weight is per_tensor and per_row; a weight of one group per row is per_row and per_group:
+    kernels for either granularity take it."""
+    for config in {type(c)(): None for c in FAST_CASES if c.scheme in ("int8", "int8_dynamic", "int4", "float8")}:
+        if config.scheme == "int4" and shape[1] % 32:
+            continue
+        q = quantized(type(config)(group_size=32) if config.scheme == "int4" else config, torch.randn(shape))
+        tensors, meta = q.kernel_inputs()
+        for name in kernel_names("linear", q.scheme):
+            assert select_kernel("linear", q.scheme, "cpu", name, layout(meta)).name == name
