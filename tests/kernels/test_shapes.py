@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lowbit
 from lowbit.kernels import onednn_linear
 from lowbit.kernels.registry import kernel_names, layout, select_kernel
 from linear_cases import FAST_CASES, assert_within, case_id, error_bound, quantized, reference_of
@@ -33,14 +34,19 @@ def test_kernel_matches_reference_on_small_and_odd_shapes(config, k, n):
         assert_within(F.linear(x, fast, bias), expected, error_bound(config, ref, x, bias), f"M={m} K={k} N={n}")
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (1, 1), (16, 32)], ids=str)
-def test_one_row_and_one_group_weights_take_the_fast_kernels(shape):
-    """A one-row weight is per_tensor and per_row; a weight of one group per row is per_row and per_group:
-    kernels for either granularity take it."""
-    for config in {type(c)(): None for c in FAST_CASES if c.scheme in ("int8", "int8_dynamic", "int4", "float8")}:
-        if config.scheme == "int4" and shape[1] % 32:
-            continue
-        q = quantized(type(config)(group_size=32) if config.scheme == "int4" else config, torch.randn(shape))
-        tensors, meta = q.kernel_inputs()
-        for name in kernel_names("linear", q.scheme):
-            assert select_kernel("linear", q.scheme, "cpu", name, layout(meta)).name == name
+ONE_ROW_OR_GROUP = [
+    (lowbit.Int8WeightOnly(), (1, 64)),  # one row: per_tensor and per_row
+    (lowbit.Int8DynamicActivation(), (1, 1)),
+    (lowbit.Float8WeightOnly(), (1, 64)),
+    (lowbit.Int4WeightOnly(group_size=32), (16, 32)),  # one group per row: per_row and per_group
+    (lowbit.Int4WeightOnly(group_size=32), (1, 32)),  # all three
+]
+
+
+@pytest.mark.parametrize("config, shape", ONE_ROW_OR_GROUP, ids=lambda v: case_id(v) if hasattr(v, "label") else str(v))
+def test_one_row_and_one_group_weights_take_the_fast_kernels(config, shape):
+    """Every kernel registered for the scheme takes such a weight (none refuses it for its granularity)."""
+    q = quantized(config, torch.randn(shape))
+    tensors, meta = q.kernel_inputs()
+    for name in kernel_names("linear", q.scheme):
+        assert select_kernel("linear", q.scheme, "cpu", name, layout(meta)).name == name
