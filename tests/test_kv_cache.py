@@ -1,7 +1,5 @@
 """The quantized KV cache inside a transformers decoder's generate()."""
 
-import inspect
-
 import pytest
 import torch
 
@@ -9,11 +7,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
-from lowbit.kv_cache import QuantizedKVCache, QuantizedKVLayer  # noqa: E402
+from lowbit.kv_cache import QuantizedKVCache, QuantizedKVLayer, cache_argument  # noqa: E402
 
 QTYPES = ["int4", "int8", "float8_e4m3fn"]
-# transformers 5.24 renamed generate's and forward's past_key_values= to cache=
-CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE_ARG = cache_argument(LlamaForCausalLM)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -24,6 +26,12 @@ from .primitives.packing import pack_int4, unpack_int4
 
 QTYPES = {"int8": "int8", "int4": "uint4", "float8_e4m3fn": "float8_e4m3fn"}  # name -> storage qtype
 _SCALE_DTYPE = torch.bfloat16
+
+
+def cache_argument(model) -> str:
+    """The keyword ``model``'s forward and ``generate`` take a cache by: ``"cache"`` from transformers
+    5.24, ``"past_key_values"`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class QuantizedKVLayer(DynamicLayer):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
-from conftest import assert_compiles_and_exports
+from conftest import ALL_CONFIGS, assert_compiles_and_exports, config_id
 from linear_cases import FAST_CASES, assert_within, case_id, error_bound, quantized, reference_of
 from lowbit.kernels import avx512, native, onednn_linear
 from lowbit.primitives import choose_qparams, quantize
@@ -235,3 +235,15 @@ def test_plain_eager_calls_skip_the_dispatcher_and_tracing_sees_the_op():
         traced = model(x)
     assert "lowbit.int8_weight_linear.default" in seen.names
     assert torch.equal(traced, expected)
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+def test_sliced_weight_with_strided_inner_tensors_equals_its_contiguous_copy(config):
+    layer = lowbit.quantize_(torch.nn.Sequential(torch.nn.Linear(128, 32)), config)[0]
+    part = layer.weight[:, :64]  # a view: qdata rows keep the stride of 128 input features
+    inner = part.weight if isinstance(part, DynamicActivationTensor) else part
+    assert not inner.qdata.is_contiguous()
+    copy = part.with_weight(inner.map_tensors(torch.Tensor.contiguous)) if inner is not part else part.map_tensors(torch.Tensor.contiguous)
+    for rows in (3, 16):  # the few-row C kernels and the GEMM paths
+        x = torch.randn(rows, 64)
+        assert torch.equal(F.linear(x, part), F.linear(x, copy))

@@ -27,16 +27,18 @@ def _bf16_bytes(cache) -> int:
 
 
 def _last_logits(model, cache, ids: torch.Tensor) -> torch.Tensor:
+    from lowbit.kv_cache import cache_argument
+
     with torch.inference_mode():
         for t in range(ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], **{cache_argument(model): cache}, use_cache=True)
     return out.logits[0, -1].float()
 
 
 def bench_kv_cache(echo: Echo) -> list[dict]:
     from transformers import DynamicCache
 
-    from lowbit.kv_cache import QuantizedKVCache
+    from lowbit.kv_cache import QuantizedKVCache, cache_argument
 
     model = _model()
     prompt = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -44,13 +46,13 @@ def bench_kv_cache(echo: Echo) -> list[dict]:
     generate = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False, pad_token_id=0)
     reference = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model.generate(prompt, past_key_values=reference, **generate)
+        model.generate(prompt, **{cache_argument(model): reference}, **generate)
     reference_logits = _last_logits(model, DynamicCache(config=model.config), ids)
     rows = []
     for qtype in QTYPES:
         cache = QuantizedKVCache(model.config, qtype=qtype)
         with torch.inference_mode():
-            model.generate(prompt, past_key_values=cache, **generate)
+            model.generate(prompt, **{cache_argument(model): cache}, **generate)
         logits = _last_logits(model, QuantizedKVCache(model.config, qtype=qtype), ids)
         row = dict(qtype=qtype, group_size=cache.layers[0].group_size, bytes_ratio=cache.storage_bytes() / _bf16_bytes(reference),
                    logits_cosine=torch.nn.functional.cosine_similarity(logits, reference_logits, dim=0).item())

@@ -167,7 +167,7 @@ def _epilogue(acc, acc_hi, x_scale, offset, row_sums, w_scale, bias, threads) ->
 def _int8_small(x, weight, w_scale, row_sums, bias, mode: int, fixed_scale=0.0, fixed_zero=0.0) -> torch.Tensor:
     """The one-call C path for few rows: activation quantization, VNNI GEMV and epilogue fused."""
     (m, k), n = x.shape, weight.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
+    weight, out = weight.contiguous(), torch.empty(m, n, dtype=torch.float32)  # the C kernel reads rows of stride k
     _lib().lowbit_int8_linear_small(x.data_ptr(), weight.data_ptr(), w_scale.data_ptr(), row_sums.data_ptr(), _ptr(bias),
                                     out.data_ptr(), m, n, k, mode, fixed_scale, fixed_zero, int(native.amx_ready()),
                                     torch.get_num_threads())
