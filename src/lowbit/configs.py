@@ -215,11 +215,13 @@ class StaticInt8(QuantConfig):
             ``s_c = max|x_c|^alpha / max|W[:, c]|^(1 - alpha)`` before quantization and the weight's
             column c multiplied by it, moving activation outliers into the per-channel weight scales
             (``lowbit.calibrate`` fixes s in a first pass over the data; the observer watches ``x / s``
-            in a second).
+            in a second). The default ``"minmax"`` keeps the smoothed range whole: on all-MiniLM-L6-v2 it
+            gives cos min 0.9956 against 0.9933 for ``"histogram"``, whose clipping costs more once
+            smoothing has flattened the outliers (BENCHMARKS.md).
     """
 
     act_symmetric: bool = False
-    observer: str = "histogram"
+    observer: str = "minmax"
     smoothing: float | None = 0.8
     kernel: str = "auto"
     scheme = "int8_static"
