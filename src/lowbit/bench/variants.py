@@ -20,7 +20,7 @@ DEFAULT_CONFIGS = [config_from_name(name) for name in NAMED_CONFIGS]  # one of e
 OPT_IN_CONFIGS = [lowbit.Int8WeightOnly(kernel="onednn"), lowbit.Int8DynamicActivation(kernel="onednn")]
 # non-default settings that BENCHMARKS.md's accuracy table reports on MiniLM
 MINILM_EXTRA_CONFIGS = [lowbit.Int4WeightOnly(group_size=32), lowbit.Int8DynamicActivation(act_symmetric=True),
-                        lowbit.StaticInt8(smoothing=None)]
+                        lowbit.StaticInt8(smoothing=None), lowbit.StaticInt8(observer="histogram")]
 
 
 @dataclass(frozen=True)
