@@ -124,3 +124,24 @@ def test_static_conv_compiles_and_exports():
     torch.manual_seed(0)
     model = _static(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), (2, 3, 8, 8), lowbit.StaticInt8())
     assert_compiles_and_exports(model, torch.randn(2, 3, 8, 8), "int8_static_conv")
+
+
+@pytest.mark.parametrize("config", [lowbit.StaticInt8(), lowbit.StaticFloat8(), lowbit.StaticInt8(kernel="reference")],
+                         ids=lambda c: c.label())
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 9)),
+                                         (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 9)),
+                                         (lambda: nn.Conv3d(3, 4, 2), (2, 3, 4, 4, 4)),
+                                         (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), (2, 3, 5, 5))])
+def test_static_conv_puts_nan_where_the_float_conv_does(config, make, shape):
+    model = nn.Sequential(make())
+    float_model = copy.deepcopy(model)
+    lowbit.prepare(model, config, filter_fn=lambda m, n: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)))
+    lowbit.calibrate(model, [torch.randn(shape)], progress=False)
+    lowbit.convert(model)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        clean = model(x)
+        x[(0, 1) + tuple(s // 2 for s in shape[2:])] = float("nan")
+        out, expected_nan = model(x), torch.isnan(float_model(x))  # NaN * w is NaN for every w: the windows
+    assert expected_nan.any() and torch.equal(torch.isnan(out), expected_nan)
+    assert torch.equal(out[~expected_nan], clean[~expected_nan])

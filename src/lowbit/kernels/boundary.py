@@ -33,7 +33,21 @@ def forward_values(kernel: Kernel, x: torch.Tensor, tensors: dict, meta: dict, b
     rows) and gets the empty result PyTorch's float op gives."""
     if x.numel() == 0:
         return empty_result(kernel.op, x, meta, bias)
-    return kernel.fn(x, tensors, meta, bias)
+    out = kernel.fn(x, tensors, meta, bias)
+    if kernel.op == "conv" and "activation" in meta:
+        out = with_nan_windows(out, x, meta)
+    return out
+
+
+def with_nan_windows(out: torch.Tensor, x: torch.Tensor, meta: dict) -> torch.Tensor:
+    """A convolution with quantized inputs (which turn NaN into 0) made to follow the float conv's rule:
+    NaN in every output whose window holds a NaN input. Eager calls skip it when ``x`` holds no NaN."""
+    nan = torch.isnan(x)
+    if not torch.compiler.is_compiling() and not nan.any():
+        return out
+    func, args, kwargs = meta["conv"]
+    windows = func(nan.to(x.dtype), torch.ones(meta["shape"], dtype=x.dtype, device=x.device), None, *args, **kwargs)
+    return out.masked_fill(windows > 0, float("nan"))
 
 
 def empty_result(op: str, x: torch.Tensor, meta: dict, bias: torch.Tensor | None) -> torch.Tensor:
