@@ -76,6 +76,6 @@ def assert_compiles_and_exports(model, x, op: str):
     # lowbit would assert the old output strides
     with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
-    program = torch.export.export(model.requires_grad_(False), (x,))  # trainable biases take the reference path
+    program = torch.export.export(model.requires_grad_(False), (x,))  # a frozen model, as deployed
     assert any(op in str(node.target) for node in program.graph.nodes)
     torch.testing.assert_close(program.module()(x), model(x))

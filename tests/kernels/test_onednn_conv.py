@@ -130,6 +130,7 @@ def test_static_conv_compiles_and_exports():
                          ids=lambda c: c.label())
 @pytest.mark.parametrize("make, shape", [(lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 9)),
                                          (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 9)),
+                                         (lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2), (2, 4, 9, 9)),
                                          (lambda: nn.Conv3d(3, 4, 2), (2, 3, 4, 4, 4)),
                                          (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), (2, 3, 5, 5))])
 def test_static_conv_puts_nan_where_the_float_conv_does(config, make, shape):

@@ -274,7 +274,7 @@ def _float8_rounded_linear(x, tensors, bias, act_scale=None) -> torch.Tensor:
     """x rounded to e4m3 per token (or with the static ``act_scale``) in one pass, then the float8 weight
     kernel with the activation scale applied per row; above the GEMV rows the rounded values come out in
     bf16, the GEMM's input."""
-    x2d = x.detach().reshape(-1, x.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1])
     r, row_scale = float8_rows(x2d, act_scale, x2d.shape[0] > GEMV_ROWS_FLOAT8)
     return finish(_float8_linear(r, tensors, bias, row_scale), x)
 
@@ -283,8 +283,7 @@ def _float8_rounded_linear(x, tensors, bias, act_scale=None) -> torch.Tensor:
                  qtypes=("float8_e4m3fn",), requires=native.unavailable)
 def float8_weight_avx512(x, tensors, meta, bias):
     """Weight-only float8 e4m3fn: GEMV for small M, exact bf16 decode + bf16 GEMM above."""
-    out = finish(_float8_linear(x.reshape(-1, x.shape[-1]), tensors, bias), x)
-    return out
+    return finish(_float8_linear(x.reshape(-1, x.shape[-1]), tensors, bias), x)
 
 
 @register_kernel("linear", "float8_dynamic", "avx512", devices=("cpu",), priority=20,
@@ -293,7 +292,7 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
     """Activations quantized to float8 per token in one fused pass (per tensor: as the reference
     path does), then the float8 weight kernel with the activation scale applied per row."""
     if meta["activation"].granularity != "per_token" or meta["activation"].qtype != "float8_e4m3fn":
-        xq = fake_quantize_activation(x.detach(), meta["activation"])
+        xq = fake_quantize_activation(x, meta["activation"])
         out = mark_nan_rows(finish(_float8_linear(xq.reshape(-1, x.shape[-1]), tensors, bias), x), x)
     else:
         out = _float8_rounded_linear(x, tensors, bias)
@@ -305,7 +304,7 @@ def float8_dynamic_avx512(x, tensors, meta, bias):
 def int8_static_avx512(x, tensors, meta, bias):
     """Static int8: the dynamic kernel with the calibrated per-tensor scale and zero point."""
     smooth = tensors.get("act_smooth")
-    xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
+    xs = x if smooth is None else x / smooth.to(x.dtype)
     out = int8_activation_linear(*_int8_args(xs, tensors, bias), meta["activation"].symmetric, tensors["act_scale"],
                                  tensors.get("act_zero_point"))
     return finish(out, x, None, None)
@@ -318,7 +317,7 @@ def float8_static_avx512(x, tensors, meta, bias):
     if meta["activation"].qtype != "float8_e4m3fn":
         raise NotImplementedError(f"the avx512 float8 kernel takes e4m3fn activations; received {meta['activation'].qtype}")
     smooth = tensors.get("act_smooth")
-    xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
+    xs = x if smooth is None else x / smooth.to(x.dtype)
     out = _float8_rounded_linear(xs, tensors, bias, tensors["act_scale"])
     return out.to(x.dtype)
 
@@ -350,5 +349,4 @@ def int4_weight_avx512(x, tensors, meta, bias):
     x2d, fused_bias = x.reshape(-1, x.shape[-1]), None if bias is None else bias.detach()
     small = _rows(x) <= GEMV_ROWS_INT4 and x.shape[-1] % 128 == 0  # the GEMV walks k in blocks of 128
     linear = int4_gemv if small else int4_decoded_linear
-    out = finish(linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), fused_bias, group), x)
-    return out
+    return finish(linear(x2d, tensors["qdata"], tensors["scale"], tensors.get("zero_point"), fused_bias, group), x)

@@ -41,13 +41,20 @@ def forward_values(kernel: Kernel, x: torch.Tensor, tensors: dict, meta: dict, b
 
 def with_nan_windows(out: torch.Tensor, x: torch.Tensor, meta: dict) -> torch.Tensor:
     """A convolution with quantized inputs (which turn NaN into 0) made to follow the float conv's rule:
-    NaN in every output whose window holds a NaN input. Eager calls skip it when ``x`` holds no NaN."""
+    NaN in every output whose window holds a NaN input. Which windows do is one small conv: the NaN mask
+    reduced over each group's input channels, convolved with ones (groups, 1, *k), then spread over each
+    group's output channels. Eager calls skip it when ``x`` holds no NaN."""
     nan = torch.isnan(x)
     if not torch.compiler.is_compiling() and not nan.any():
         return out
     func, args, kwargs = meta["conv"]
-    windows = func(nan.to(x.dtype), torch.ones(meta["shape"], dtype=x.dtype, device=x.device), None, *args, **kwargs)
+    kernel_size, groups = meta["shape"][2:], meta["groups"]
+    channel = x.dim() - len(kernel_size) - 1  # 0 for an unbatched input
+    mask = nan.unflatten(channel, (groups, -1)).any(channel + 1).to(x.dtype)  # (N, groups, *spatial)
+    ones = torch.ones((groups, 1, *kernel_size), dtype=x.dtype, device=x.device)
+    windows = func(mask, ones, None, *args, **kwargs).repeat_interleave(out.shape[channel] // groups, channel)
     return out.masked_fill(windows > 0, float("nan"))
+
 
 
 def empty_result(op: str, x: torch.Tensor, meta: dict, bias: torch.Tensor | None) -> torch.Tensor:

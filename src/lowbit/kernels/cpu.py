@@ -88,8 +88,7 @@ def int8_dynamic_int_mm(x, tensors, meta, bias):
     acc = int_mm(q, tensors["qdata"].t()).float()  # (M, N) exact int32 sums
     if x_zero is not None:
         acc = acc - x_zero * colsum(tensors)
-    out = finish(acc * x_scale.float(), x, tensors["scale"], bias)
-    return out
+    return finish(acc * x_scale.float(), x, tensors["scale"], bias)
 
 
 def split_activation_16bit(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,5 +115,4 @@ def int8_weight_int_mm16(x, tensors, meta, bias):
     scale, hi, lo = split_activation_16bit(x.reshape(-1, x.shape[-1]))
     w_t = tensors["qdata"].t()
     acc = int_mm(hi.to(torch.int8), w_t).float() * 256 + int_mm(lo.to(torch.int8), w_t).float()
-    out = finish(acc * scale, x, tensors["scale"], bias)
-    return out
+    return finish(acc * scale, x, tensors["scale"], bias)

@@ -124,7 +124,7 @@ def int8_dynamic_onednn(x, tensors, meta, bias):
 def int8_static_onednn(x, tensors, meta, bias):
     """Static int8 (calibrated per-tensor scale and zero point), prepacked oneDNN GEMM."""
     smooth = tensors.get("act_smooth")
-    xs = x if smooth is None else x.detach() / smooth.to(x.dtype)
+    xs = x if smooth is None else x / smooth.to(x.dtype)
     mode = 1 if meta["activation"].symmetric else 2
     out = _linear(xs, tensors, bias, mode, tensors["act_scale"], tensors.get("act_zero_point"))
     return out.to(x.dtype)

@@ -1,8 +1,8 @@
 """Reference kernels: dequantize, then use PyTorch's float ops. Correct everywhere, not fast.
 
-Dynamic activation kernels fake-quantize the activation (quantize then dequantize) with a
-straight-through gradient, so results match the integer math up to float rounding and autograd
-still reaches the input.
+Dynamic and static activation kernels fake-quantize the activation (quantize then dequantize), so
+results match the integer math up to float rounding. Like every kernel they compute values only:
+gradients come from :mod:`lowbit.kernels.boundary`.
 
 Non-finite activations of linears follow one rule in every kernel: a NaN anywhere in an input row
 makes every output of that row NaN; +-inf saturate at the row's range (weight-only: the largest
@@ -37,24 +37,20 @@ def dequantize_weight(tensors: Mapping[str, torch.Tensor], meta: Mapping, dtype:
 
 
 def fake_quantize_activation(x: torch.Tensor, act) -> torch.Tensor:
-    """Quantize-dequantize ``x`` as ``act`` (an ActivationQuant) does, straight-through for autograd."""
+    """Quantize-dequantize ``x`` as ``act`` (an ActivationQuant) does."""
     block = per_token_block(x.shape) if act.granularity == "per_token" else tuple(x.shape)
     scale, zero_point = choose_qparams(x, block, act.qtype, symmetric=act.symmetric, ignore_nonfinite=True)
     q = quantize(x, scale, zero_point, block, act.qtype, saturate_nonfinite=True)
-    xq = dequantize(q, scale, zero_point, block, x.dtype)
-    if x.requires_grad:
-        return x + (xq - x).detach()
-    return xq
+    return dequantize(q, scale, zero_point, block, x.dtype)
 
 
 def fake_quantize_static(x: torch.Tensor, act, scale: torch.Tensor, zero_point) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with a calibrated per-tensor scale, straight-through for autograd."""
+    """Quantize-dequantize ``x`` with a calibrated per-tensor scale."""
     ones = (1,) * x.dim()
     scale = scale.reshape(ones)
     zero_point = None if zero_point is None else zero_point.reshape(ones)
     q = quantize(x, scale, zero_point, tuple(x.shape), act.qtype, saturate_nonfinite=True)
-    xq = dequantize(q, scale, zero_point, tuple(x.shape), x.dtype)
-    return x + (xq - x).detach() if x.requires_grad else xq
+    return dequantize(q, scale, zero_point, tuple(x.shape), x.dtype)
 
 
 def saturate_inf(x: torch.Tensor) -> torch.Tensor:
