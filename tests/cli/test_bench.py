@@ -1,12 +1,12 @@
 """The benchmark harness (``lowbit bench``): interleaved timing, grad modes, and every table from a tiny run."""
 
 import json
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lowbit.bench import harness
+from lowbit.bench import harness, timing
 from lowbit.bench.markdown import markdown
 from lowbit.bench.profiles import Profile
 from lowbit.bench.timing import Timed, interleaved_ms
@@ -37,15 +37,19 @@ def test_each_callable_runs_in_its_grad_mode():
         Timed(lambda: None, "eval")
 
 
-def test_the_spread_shows_rounds_slowed_by_other_load():
-    rounds = iter(range(100))
+def test_the_spread_shows_rounds_slowed_by_other_load(monkeypatch):
+    clock, rounds = [0.0], iter(range(100))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # a clock only the calls advance
+
+    def advance(seconds):
+        clock[0] += seconds
 
     def bursty():  # every other round is slowed down 5 ms, as by another process taking the core
-        time.sleep(0.005 if next(rounds) % 2 else 0.0)
+        advance(0.005 if next(rounds) % 2 else 0.0)
 
-    timings = interleaved_ms({"steady": lambda: time.sleep(0.001), "bursty": bursty}, rounds=8, target_s=0.0, warmup=1)
+    timings = interleaved_ms({"steady": lambda: advance(0.001), "bursty": bursty}, rounds=8, target_s=0.0, warmup=1)
     assert timings["bursty"].spread > 1.0  # the interquartile range spans the 0 and 5 ms rounds
-    assert timings["steady"].spread < timings["bursty"].spread
+    assert timings["steady"].spread < 1e-9 and timings["steady"].ms == pytest.approx(1.0)  # up to the clock sums' rounding
 
 
 def test_a_tiny_run_writes_every_table(tmp_path):
