@@ -12,7 +12,7 @@ from lowbit.configs import NAMED_CONFIGS, STATIC_CONFIGS, config_from_name
 
 # one of each weight-only and dynamic config (int4 per group of 32, to fit the 64-wide MLP)
 MAIN_CONFIGS = [config_from_name(name, group_size=32 if name == "int4-weight-only" else None)
-                for name, config_type in NAMED_CONFIGS.items() if config_type not in STATIC_CONFIGS]
+                for name, config in NAMED_CONFIGS.items() if not isinstance(config, STATIC_CONFIGS)]
 
 
 @pytest.mark.parametrize("config", MAIN_CONFIGS, ids=config_id)

@@ -102,7 +102,7 @@ def test_round_trip(config, target, tmp_path):
         before, after = getattr(model, name).weight, getattr(loaded, name).weight
         assert type(after) is type(before) and not after.requires_grad
         assert torch.equal(after.dequantize(), before.dequantize())
-        assert getattr(loaded, name).lowbit_config == config.label()
+        assert getattr(loaded, name).lowbit_spec == config.spec()
     assert not any(t.is_meta for t in loaded.state_dict().values())
 
 
@@ -130,7 +130,7 @@ def test_static_round_trip(config, module_swap, tmp_path):
         loaded = lowbit.load(build(MLP, target), path)
         assert torch.equal(loaded(x), model(x))
         assert type(loaded.fc1) is type(model.fc1)
-        assert loaded.fc1.lowbit_config == config.label()
+        assert loaded.fc1.lowbit_spec == config.spec()
 
 
 @pytest.mark.parametrize("config", [lowbit.Int8WeightOnly(), lowbit.Int4WeightOnly(group_size=32),
@@ -144,7 +144,7 @@ def test_module_swap_round_trip(config, tmp_path):
         loaded = lowbit.load(target, path)
         assert isinstance(loaded.fc1, lowbit.QuantizedLinear) and isinstance(loaded.fc2, lowbit.QuantizedLinear)
         assert torch.equal(loaded(x), model(x))
-        assert loaded.fc2.lowbit_config == config.label()
+        assert loaded.fc2.lowbit_spec == config.spec()
 
 
 @pytest.mark.parametrize("config", [lowbit.Int8WeightOnly(), lowbit.Float8WeightOnly()], ids=config_id)
@@ -212,14 +212,16 @@ def test_describe_file_and_directory(tmp_path):
     assert info["tensors"] == file_info["tensors"] and info["format_version"] == lowbit.serialization.FORMAT_VERSION
     assert info["lowbit_version"] == lowbit.__version__ and info["model"]["class"] == "MLP"
     row = next(r for r in info["tensors"] if r["name"] == "fc1.weight")
-    assert row == {"name": "fc1.weight", "class": "Int4Tensor", "scheme": "int4", "config": "Int4WeightOnly(group_size=32)",
+    assert row == {"name": "fc1.weight", "class": "Int4Tensor", "scheme": "int4",
+                   "spec": "uint4 per_group(32) weights, float activations",
                    "qtype": "uint4", "block_size": [1, 32], "shape": [256, 128], "dtype": "float32",
                    "bytes": 256 * 64 + 256 * 4 * 4 + 256 * 4, "tied_to": None}  # qdata, scale, zero_point
     totals = info["totals"]
     assert totals["quantized"] == 2 and totals["float"] == 2 and totals["schemes"] == {"int4": 2, "float": 2}
     assert totals["stored_bytes"] == totals["quantized_bytes"] + totals["float_bytes"] < totals["file_bytes"]
     assert totals["dense_bytes"] == 4 * (256 * 128 + 256 + 64 * 256 + 64)
-    assert json.loads((directory / "lowbit.json").read_text())["entries"]["fc1.weight"]["config"] == row["config"]
+    stored = json.loads((directory / "lowbit.json").read_text())["entries"]["fc1.weight"]["spec"]
+    assert lowbit.specs.spec_from_json(stored) == lowbit.Int4WeightOnly(group_size=32).spec()
 
 
 def test_meta_buffers_warn_and_meta_parameters_keeps_buffers(tmp_path):
@@ -293,14 +295,17 @@ def _fixture_module():
     return module
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("target", ["float", "meta"])
-def test_format_fixture_still_loads(target):
-    """Format version 1 as committed: dequantized weights must match exactly; outputs up to the float
-    rounding by which this machine's kernels may differ from those of the machine that wrote it."""
+def test_format_fixture_still_loads(target, version):
+    """Each format version as committed: dequantized weights must match exactly; outputs up to the float
+    rounding by which this machine's kernels may differ from those of the machine that wrote it. Format 1 named
+    kernels and config labels (read, not used); format 2 holds specs."""
     fixture = _fixture_module()
-    expected = load_file(str(fixture.EXPECTED))
-    assert fixture.CHECKPOINT.stat().st_size + fixture.EXPECTED.stat().st_size < 200_000
-    model = lowbit.load(build(fixture.FixtureModel, target), fixture.CHECKPOINT).eval()
+    checkpoint, expected = FIXTURES / f"format_v{version}.safetensors", FIXTURES / f"format_v{version}_expected.safetensors"
+    assert checkpoint.stat().st_size + expected.stat().st_size < 200_000
+    expected = load_file(str(expected))
+    model = lowbit.load(build(fixture.FixtureModel, target), checkpoint).eval()
     for key, weight in expected.items():
         if key.startswith("dequantized."):
             name = key.removeprefix("dequantized.")
@@ -309,8 +314,9 @@ def test_format_fixture_still_loads(target):
                 continue
             assert torch.equal(model.get_parameter(name).dequantize(), weight), name
     assert isinstance(model.swapped, lowbit.QuantizedLinear)
-    assert {row["config"] for row in describe(fixture.CHECKPOINT)["tensors"]} - {None} == {
-        c.label() for c in fixture.LAYERS.values()}
+    specs = {row["spec"] for row in describe(checkpoint)["tensors"]} - {None}
+    assert specs == (set() if version == 1 else {lowbit.specs.describe_spec(c.spec()) for c in fixture.LAYERS.values()})
+    assert model.int4.lowbit_spec == (None if version == 1 else fixture.LAYERS["int4"].spec())
     with torch.no_grad():
         torch.testing.assert_close(model(expected["input_ids"]), expected["output"], rtol=1e-4, atol=1e-4)
 

@@ -16,12 +16,14 @@ from .configs import (
     Int4WeightOnly,
     Int8DynamicActivation,
     Int8WeightOnly,
+    IntxWeightOnly,
     QuantConfig,
     StaticFloat8,
     StaticInt8,
     config_from_name,
 )
 from .modules import QuantizedLinear
+from .specs import ActivationSpec, QuantSpec, WeightSpec
 from . import serialization
 from .serialization import CheckpointError, load, load_pretrained, save
 from .tensors import (
@@ -30,6 +32,7 @@ from .tensors import (
     Float8Tensor,
     Int4Tensor,
     Int8Tensor,
+    IntxTensor,
     QuantizedTensor,
     StaticActivationTensor,
 )
@@ -48,8 +51,13 @@ __all__ = [
     "Int8DynamicActivation",
     "Int8Tensor",
     "Int8WeightOnly",
+    "IntxTensor",
+    "IntxWeightOnly",
     "NotCalibratedError",
+    "ActivationSpec",
     "QuantConfig",
+    "QuantSpec",
+    "WeightSpec",
     "QuantizedLinear",
     "QuantizedTensor",
     "StaticActivationTensor",

@@ -2,8 +2,8 @@
 
 :func:`quantize_activation` turns an activation into a block-quantized tensor (per token: one scale
 per row of the last dim, i.e. per head and position for a (B, H, T, D) tensor; or per tensor with a
-calibrated scale). Passing such tensors to ``F.scaled_dot_product_attention`` dequantizes them to
-the float dtype they stand for (bf16 stays bf16) and runs PyTorch's fused attention kernel: there is
+calibrated scale). Passing such tensors to ``F.scaled_dot_product_attention`` (an op of the block-quantized tensors' own table)
+dequantizes them to the float dtype they stand for (bf16 stays bf16) and runs PyTorch's fused attention kernel: there is
 no integer attention kernel in PyTorch to call instead. :class:`QuantizedSDPA` is the module form,
 with scales either dynamic or calibrated by ``lowbit.calibrate`` and frozen by ``lowbit.convert``.
 """
@@ -60,19 +60,6 @@ def quantize_activation(x: torch.Tensor, qtype: str = "int8", granularity: str =
     cls = Float8Tensor if is_float8 else Int8Tensor
     return cls(qdata=q, scale=scale, zero_point=zero_point, qtype=qtype, block_size=block, packed_dim=None,
                kernel="auto", shape=x.shape, dtype=x.dtype)
-
-
-def _dequantized(t):
-    return t.dequantize() if isinstance(t, QuantizedTensor) else t
-
-
-@BlockQuantizedTensor.implements_function(F.scaled_dot_product_attention)
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Dequantize-first attention: each quantized input becomes the float tensor it stands for."""
-    if isinstance(attn_mask, QuantizedTensor):
-        raise TypeError("attn_mask must be a plain tensor; received a quantized tensor")
-    return F.scaled_dot_product_attention(_dequantized(query), _dequantized(key), _dequantized(value), attn_mask=attn_mask,
-                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 class QuantizedSDPA(nn.Module):

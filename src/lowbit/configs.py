@@ -1,20 +1,23 @@
 """Quantization configs: frozen dataclasses, dispatched by type to handlers in :mod:`lowbit.api`.
 
-Each config validates its own fields on construction and knows how to quantize one weight.
+Each config validates its own fields on construction and yields a plain-data :class:`~lowbit.specs.QuantSpec`
+(:meth:`QuantConfig.spec`), which every flow turns into its own objects: quantized tensors (``quantize_``),
+observers (the static flow), and in time fake quantizers and graph annotations. ``kernel`` is not part of the
+spec: it is the kernel preference on the machine that runs the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .primitives.blocks import per_axis_block, per_group_block, per_token_block
-from .primitives.qtypes import float8_qtype
-from .tensors import ActivationQuant, DynamicActivationTensor, Float8Tensor, Int4Tensor, Int8Tensor
-from .tensors.blockwise import with_packing
+from .primitives.qtypes import QTYPES, float8_qtype
+from .specs import ActivationSpec, QuantSpec, weight_spec
+from .tensors.schemes import scheme_for
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INTX_BITS = (2, 3, 4, 5, 6, 7)
 FLOAT8_GRANULARITIES = ("per_row", "per_tensor")
 
 
@@ -23,9 +26,22 @@ class QuantConfig:
 
     supports_embedding = False
     supports_conv = False  # Conv1d/2d/3d and ConvTranspose weights, per output channel
-    scheme: str
     kernel: str
-    qtype: str  # the weight's qtype name
+
+    def spec(self) -> QuantSpec:
+        """The plain-data description of this config's quantization."""
+        raise NotImplementedError
+
+    @property
+    def scheme(self) -> str:
+        """The registered scheme of the tensors this config makes (the kernel registry's key)."""
+        spec = self.spec()
+        return scheme_for(spec.weight.scheme, "none" if spec.activation is None else spec.activation.mode).name
+
+    @property
+    def qtype(self) -> str:
+        """The weight's qtype name."""
+        return self.spec().weight.qtype
 
     def label(self) -> str:
         """Class name with the fields that differ from their defaults, e.g. ``Int4WeightOnly(group_size=32)``."""
@@ -34,7 +50,7 @@ class QuantConfig:
 
     def group_size_for(self, in_features: int) -> int | None:
         """The block length along the reduction dim (None: the whole row)."""
-        return getattr(self, "group_size", None)
+        return self.spec().weight.group_size
 
     def check_weight(self, weight: torch.Tensor, name: str) -> None:
         """Raise ValueError if this config cannot quantize ``weight`` (nothing is changed)."""
@@ -46,14 +62,16 @@ class QuantConfig:
             )
 
     def block_size_for(self, shape) -> tuple[int, ...]:
-        """The block size this config gives a weight of ``shape`` (per-channel or per-group)."""
-        group = getattr(self, "group_size", None)
-        return per_group_block(shape, group) if group else per_axis_block(shape, 0)
+        """The block size this config gives a linear or embedding weight of ``shape`` (per-channel or per-group)."""
+        return self.spec().weight.block_size(shape)
 
-    def quantize_weight(self, weight: torch.Tensor, name: str, block_size=None, groups=None) -> torch.Tensor:
-        """Quantize one weight; a convolution's weight comes with its ``block_size`` (overriding
-        :meth:`block_size_for`) and ``groups``."""
-        raise NotImplementedError
+
+def integer_qtype(bits: int, signed: bool) -> str:
+    """The registered integer qtype of ``bits`` bits, signed (symmetric) or unsigned (affine)."""
+    for qt in QTYPES.values():
+        if not qt.is_float and qt.bits == bits and (qt.qmin < 0) == signed:
+            return qt.name
+    raise ValueError(f"no {'signed' if signed else 'unsigned'} {bits}-bit qtype is registered")
 
 
 def _check_group_size(config, allowed=None) -> None:
@@ -86,8 +104,6 @@ class Int8WeightOnly(QuantConfig):
 
     group_size: int | None = None
     kernel: str = "auto"
-    scheme = "int8"
-    qtype = "int8"
     supports_embedding = True
     supports_conv = True
 
@@ -95,9 +111,8 @@ class Int8WeightOnly(QuantConfig):
         _check_types(self)
         _check_group_size(self)
 
-    def quantize_weight(self, weight, name, block_size=None, groups=None):
-        block = block_size or self.block_size_for(weight.shape)
-        return with_packing(Int8Tensor.from_float(weight, block, kernel=self.kernel, name=name, groups=groups))
+    def spec(self):
+        return QuantSpec(weight_spec("int8", "int8", self.group_size))
 
 
 @dataclass(frozen=True)
@@ -107,20 +122,40 @@ class Int4WeightOnly(QuantConfig):
     group_size: int = 128
     symmetric: bool = False
     kernel: str = "auto"
-    scheme = "int4"
-
-    @property
-    def qtype(self) -> str:
-        return "int4" if self.symmetric else "uint4"
     supports_embedding = True
 
     def __post_init__(self):
         _check_types(self, bools=("symmetric",))
         _check_group_size(self, INT4_GROUP_SIZES)
 
-    def quantize_weight(self, weight, name, block_size=None, groups=None):
-        block = block_size or self.block_size_for(weight.shape)
-        return with_packing(Int4Tensor.from_float(weight, block, symmetric=self.symmetric, kernel=self.kernel, name=name))
+    def spec(self):
+        return QuantSpec(weight_spec("int4", "int4" if self.symmetric else "uint4", self.group_size))
+
+
+@dataclass(frozen=True)
+class IntxWeightOnly(QuantConfig):
+    """``bits``-bit weights (2 to 7) per group of ``group_size`` input features, bit-packed; asymmetric
+    (unsigned values + a zero point per group) by default, symmetric (signed, no zero point) on request.
+
+    Example:
+        >>> IntxWeightOnly(bits=3).spec().weight.qtype
+        'uint3'
+    """
+
+    bits: int
+    group_size: int = 32
+    symmetric: bool = False
+    kernel: str = "auto"
+    supports_embedding = True
+
+    def __post_init__(self):
+        _check_types(self, bools=("symmetric",))
+        if isinstance(self.bits, bool) or self.bits not in INTX_BITS:
+            raise ValueError(f"IntxWeightOnly bits must be one of {INTX_BITS}; received {self.bits!r}")
+        _check_group_size(self, INT4_GROUP_SIZES)
+
+    def spec(self):
+        return QuantSpec(weight_spec("intx", integer_qtype(self.bits, signed=self.symmetric), self.group_size))
 
 
 @dataclass(frozen=True)
@@ -134,16 +169,14 @@ class Int8DynamicActivation(QuantConfig):
     act_symmetric: bool = False
     group_size: int | None = None
     kernel: str = "auto"
-    scheme = "int8_dynamic"
-    qtype = "int8"
 
     def __post_init__(self):
         _check_types(self, bools=("act_symmetric",))
         _check_group_size(self)
 
-    def quantize_weight(self, weight, name, block_size=None, groups=None):
-        inner = Int8Tensor.from_float(weight, self.block_size_for(weight.shape), kernel=self.kernel, name=name)
-        return DynamicActivationTensor.wrap(inner, ActivationQuant("int8", "per_token", self.act_symmetric))
+    def spec(self):
+        activation = ActivationSpec("dynamic", "int8", "per_token", self.act_symmetric)
+        return QuantSpec(weight_spec("int8", "int8", self.group_size), activation)
 
 
 @dataclass(frozen=True)
@@ -152,21 +185,15 @@ class Float8WeightOnly(QuantConfig):
 
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     kernel: str = "auto"
-    scheme = "float8"
     supports_conv = True
-
-    @property
-    def qtype(self) -> str:
-        return float8_qtype(self.float8_dtype).name
     supports_embedding = True
 
     def __post_init__(self):
         _check_types(self)
         float8_qtype(self.float8_dtype)
 
-    def quantize_weight(self, weight, name, block_size=None, groups=None):
-        block = block_size or self.block_size_for(weight.shape)
-        return with_packing(Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name, groups=groups))
+    def spec(self):
+        return QuantSpec(weight_spec("float8", float8_qtype(self.float8_dtype).name))
 
 
 @dataclass(frozen=True)
@@ -176,11 +203,6 @@ class Float8DynamicActivation(QuantConfig):
     granularity: str = "per_row"
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     kernel: str = "auto"
-    scheme = "float8_dynamic"
-
-    @property
-    def qtype(self) -> str:
-        return float8_qtype(self.float8_dtype).name
 
     def __post_init__(self):
         _check_types(self, strs=("kernel", "granularity"))
@@ -188,18 +210,13 @@ class Float8DynamicActivation(QuantConfig):
             raise ValueError(f"granularity must be one of {FLOAT8_GRANULARITIES}; received {self.granularity!r}")
         float8_qtype(self.float8_dtype)
 
-    def block_size_for(self, shape):
-        return per_token_block(shape) if self.granularity == "per_row" else tuple(shape)
-
-    def quantize_weight(self, weight, name, block_size=None, groups=None):
-        per_row = self.granularity == "per_row"
-        block = self.block_size_for(weight.shape)
-        inner = Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name, groups=groups)
-        act = ActivationQuant(float8_qtype(self.float8_dtype).name, "per_token" if per_row else "per_tensor", True)
-        return DynamicActivationTensor.wrap(inner, act)
+    def spec(self):
+        qtype, per_row = float8_qtype(self.float8_dtype).name, self.granularity == "per_row"
+        activation = ActivationSpec("dynamic", qtype, "per_token" if per_row else "per_tensor", True)
+        return QuantSpec(weight_spec("float8", qtype, per_tensor=not per_row), activation)
 
 
-CONFIGS = (Int8WeightOnly, Int4WeightOnly, Int8DynamicActivation, Float8WeightOnly, Float8DynamicActivation)
+CONFIGS = (Int8WeightOnly, Int4WeightOnly, IntxWeightOnly, Int8DynamicActivation, Float8WeightOnly, Float8DynamicActivation)
 
 
 @dataclass(frozen=True)
@@ -224,9 +241,6 @@ class StaticInt8(QuantConfig):
     observer: str = "minmax"
     smoothing: float | None = 0.8
     kernel: str = "auto"
-    scheme = "int8_static"
-    qtype = "int8"
-    act_qtype = "int8"
     supports_conv = True
 
     def __post_init__(self):
@@ -236,8 +250,10 @@ class StaticInt8(QuantConfig):
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
             raise ValueError(f"smoothing must be None or a number in [0, 1]; received {alpha!r}")
 
-    def quantize_weight(self, weight, name, block_size=None, groups=None):
-        return Int8Tensor.from_float(weight, block_size or self.block_size_for(weight.shape), kernel=self.kernel, name=name, groups=groups)
+    def spec(self):
+        smoothing = None if self.smoothing is None else float(self.smoothing)
+        activation = ActivationSpec("static", "int8", "per_tensor", self.act_symmetric, self.observer, smoothing)
+        return QuantSpec(weight_spec("int8", "int8"), activation)
 
 
 @dataclass(frozen=True)
@@ -247,25 +263,16 @@ class StaticFloat8(QuantConfig):
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     observer: str = "minmax"
     kernel: str = "auto"
-    scheme = "float8_static"
-    smoothing = None
     supports_conv = True
-    act_symmetric = True
 
     def __post_init__(self):
         _check_types(self, strs=("kernel", "observer"))
         float8_qtype(self.float8_dtype)
         _check_observer(self.observer)
 
-    @property
-    def qtype(self) -> str:
-        return float8_qtype(self.float8_dtype).name
-
-    act_qtype = qtype
-
-    def quantize_weight(self, weight, name, block_size=None, groups=None):
-        block = block_size or self.block_size_for(weight.shape)
-        return Float8Tensor.from_float(weight, block, float8_dtype=self.float8_dtype, kernel=self.kernel, name=name, groups=groups)
+    def spec(self):
+        qtype = float8_qtype(self.float8_dtype).name
+        return QuantSpec(weight_spec("float8", qtype), ActivationSpec("static", qtype, "per_tensor", True, self.observer))
 
 
 OBSERVER_NAMES = ("minmax", "moving_average", "histogram", "percentile")
@@ -277,30 +284,31 @@ def _check_observer(name: str) -> None:
         raise ValueError(f"observer must be one of {OBSERVER_NAMES}; received {name!r}")
 
 
-NAMED_CONFIGS: dict[str, type[QuantConfig]] = {
-    "int8-weight-only": Int8WeightOnly,
-    "int4-weight-only": Int4WeightOnly,
-    "int8-dynamic": Int8DynamicActivation,
-    "float8-weight-only": Float8WeightOnly,
-    "float8-dynamic": Float8DynamicActivation,
-    "static-int8": StaticInt8,
-    "static-float8": StaticFloat8,
+NAMED_CONFIGS: dict[str, QuantConfig] = {  # the command line's names, each for a config with its defaults
+    "int8-weight-only": Int8WeightOnly(),
+    "int4-weight-only": Int4WeightOnly(),
+    **{f"int{bits}-weight-only": IntxWeightOnly(bits=bits) for bits in INTX_BITS if bits != 4},
+    "int8-dynamic": Int8DynamicActivation(),
+    "float8-weight-only": Float8WeightOnly(),
+    "float8-dynamic": Float8DynamicActivation(),
+    "static-int8": StaticInt8(),
+    "static-float8": StaticFloat8(),
 }
 
 
 def config_from_name(name: str, group_size: int | None = None) -> QuantConfig:
-    """The config called ``name`` in :data:`NAMED_CONFIGS`, with its defaults and an optional ``group_size``.
+    """The config called ``name`` in :data:`NAMED_CONFIGS`, with an optional ``group_size``.
 
     Example:
         >>> config_from_name("int4-weight-only", group_size=32)
         Int4WeightOnly(group_size=32, symmetric=False, kernel='auto')
     """
-    config_type = NAMED_CONFIGS.get(name)
-    if config_type is None:
+    config = NAMED_CONFIGS.get(name)
+    if config is None:
         raise ValueError(f"unknown config name {name!r}; expected one of {', '.join(NAMED_CONFIGS)}")
     if group_size is None:
-        return config_type()
-    if "group_size" not in {f.name for f in fields(config_type)}:
-        takes = ", ".join(n for n, t in NAMED_CONFIGS.items() if "group_size" in {f.name for f in fields(t)})
+        return config
+    if "group_size" not in {f.name for f in fields(config)}:
+        takes = ", ".join(n for n, c in NAMED_CONFIGS.items() if "group_size" in {f.name for f in fields(c)})
         raise ValueError(f"{name} has no group size (configs with one: {takes}); received group_size={group_size}")
-    return config_type(group_size=group_size)
+    return replace(config, group_size=group_size)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .kernels.boundary import call_kernel
 from .kernels.registry import layout, select_kernel
+from .tensors.from_spec import quantize_weight
 
 
 class QuantizedLinear(nn.Module):
@@ -35,17 +36,9 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config) -> "QuantizedLinear":
-        """Quantize ``linear.weight`` as ``config`` does on the subclass path."""
-        return cls.from_quantized_weight(linear, config.quantize_weight(linear.weight.detach(), "weight"))
-
-    @classmethod
-    def from_observed(cls, linear: nn.Linear) -> "QuantizedLinear":
-        """Convert one layer prepared and calibrated by the static flow (``lowbit.prepare``)."""
-        from .calibration.static import convert
-
-        holder = nn.ModuleDict({"layer": linear})
-        convert(holder)
-        return cls.from_quantized_weight(holder["layer"], holder["layer"].weight)
+        """Quantize ``linear.weight`` as ``config``'s spec says, as the subclass path does."""
+        weight = quantize_weight(linear.weight.detach(), config.spec(), kernel=config.kernel)
+        return cls.from_quantized_weight(linear, weight)
 
     @classmethod
     def from_quantized_weight(cls, linear: nn.Linear, weight) -> "QuantizedLinear":

@@ -89,15 +89,6 @@ def test_module_swap_matches_subclass(config):
     assert torch.equal(swapped(x), subclassed(x))
 
 
-def test_from_observed_gives_the_same_layer():
-    model = lowbit.prepare(MLP(), lowbit.StaticInt8())
-    lowbit.calibrate(model, _data(), progress=False)
-    layer = lowbit.QuantizedLinear.from_observed(copy.deepcopy(model.fc1))
-    lowbit.convert(model)
-    x = torch.randn(3, 64)
-    assert torch.equal(layer(x), model.fc1(x))
-
-
 def test_static_model_compiles_exports_and_keeps_gradients():
     model = lowbit.prepare(MLP(), lowbit.StaticInt8())
     lowbit.calibrate(model, _data(), progress=False)

@@ -189,8 +189,10 @@ def test_calib_data_with_a_weight_only_config_exits_2(tiny_bert, tmp_path, capsy
 
 
 def test_config_from_name_covers_every_name_and_lists_them_on_error():
-    for name, config_type in NAMED_CONFIGS.items():
-        assert type(config_from_name(name)) is config_type
+    assert {type(config) for config in NAMED_CONFIGS.values()} == set(lowbit.configs.CONFIGS + lowbit.configs.STATIC_CONFIGS)
+    for name, config in NAMED_CONFIGS.items():
+        assert config_from_name(name) is config
+    assert config_from_name("int3-weight-only") == lowbit.IntxWeightOnly(bits=3)
     assert config_from_name("int4-weight-only", group_size=32) == lowbit.Int4WeightOnly(group_size=32)
     with pytest.raises(ValueError, match="expected one of int8-weight-only, int4-weight-only"):
         config_from_name("int8_weight_only")

@@ -16,10 +16,11 @@ from safetensors.torch import save_file
 
 import lowbit
 from lowbit.serialization import CheckpointError, describe, meta_parameters
-from lowbit.serialization.labels import CONFIG_CLASSES, parse_label
+from lowbit.specs import spec_to_json
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-VALID = FIXTURES / "format_v1.safetensors"  # one layer per scheme (see make_fixture.py)
+VALID = FIXTURES / "format_v2.safetensors"  # one layer per scheme (see make_fixture.py)
+VALID_V1 = FIXTURES / "format_v1.safetensors"  # config labels and kernel names in the header
 
 
 def _fixture_model_class():
@@ -286,55 +287,63 @@ def test_act_zero_point_on_symmetric_activations_is_rejected(zero_point, static_
     assert_unchanged(model, snap)
 
 
-# -- 7. config labels -------------------------------------------------------------------------
-BAD_LABELS = {  # entry, label, message
-    "unknown class": ("int8.weight", "NotAConfig()", "'int8.weight': field 'config': expected a label.*'NotAConfig\\(\\)'"),
-    "code": ("int8.weight", "__import__('os').system('true')", "'int8.weight': field 'config': expected a label"),
-    "positional argument": ("int4.weight", "Int4WeightOnly(32)", "'int4.weight': field 'config': expected keyword arguments"),
-    "expression argument": ("int4.weight", "Int4WeightOnly(group_size=16*2)", "'int4.weight': field 'config'"),
-    "trailing separator": ("int4.weight", "Int4WeightOnly(group_size=32, )", "'int4.weight': field 'config': expected ', '"),
-    "argument twice": ("int4.weight", "Int4WeightOnly(group_size=32, group_size=32)", "'int4.weight': field 'config'.*each once"),
-    "unknown argument": ("int8.weight", "Int8WeightOnly(bits=4)", "'int8.weight': field 'config': argument 'bits'.*fields"),
-    "argument of the wrong type": ("int8.weight", "Int8WeightOnly(group_size='32')",
-                                   "'int8.weight': field 'config': argument 'group_size'.*int \\| None.*'32'"),
-    "bool for an int": ("int8.weight", "Int8WeightOnly(group_size=True)", "'int8.weight': field 'config': argument 'group_size'"),
-    "invalid argument": ("int4.weight", "Int4WeightOnly(group_size=48)", "'int4.weight': field 'config': invalid Int4WeightOnly"),
-    "not a torch dtype": ("float8_weight.weight", "Float8WeightOnly(float8_dtype=torch.nn)",
-                          "'float8_weight.weight': field 'config'"),
-    "int4 label on an int8 tensor": ("int8.weight", "Int4WeightOnly(group_size=32)",
-                                     "'int8.weight': field 'config'.*gives scheme int4; the tensor has scheme int8"),
-    "int8 label on an int4 tensor": ("int4.weight", "Int8WeightOnly(group_size=32)", "'int4.weight': field 'config'.*scheme"),
-    "weight-only label on a dynamic tensor": ("dynamic.weight", "Int8WeightOnly()", "'dynamic.weight': field 'config'.*scheme"),
-    "label of a module swap": ("swapped.weight", "Float8WeightOnly()", "'swapped.weight': field 'config'.*scheme"),
-    "symmetric label on uint4": ("int4.weight", "Int4WeightOnly(group_size=32, symmetric=True)",
-                                 "'int4.weight': field 'config'.*qtype int4; the tensor has qtype uint4"),
-    "other float8 dtype": ("float8_weight.weight", "Float8WeightOnly(float8_dtype=torch.float8_e5m2)",
-                           "'float8_weight.weight': field 'config'.*qtype float8_e5m2"),
-    "other group size": ("int4.weight", "Int4WeightOnly(group_size=64)",
-                         "'int4.weight': field 'config'.*block_size \\(1, 64\\).*; the tensor has block_size \\(1, 32\\)"),
-    "per-group label on per-channel": ("embed.weight", "Int8WeightOnly(group_size=32)", "'embed.weight': field 'config'.*block_size"),
-    "group size that does not divide": ("int4.weight", "Int4WeightOnly(group_size=256)", "'int4.weight': field 'config'.*block_size"),
-    "other activation symmetry": ("dynamic.weight", "Int8DynamicActivation(act_symmetric=True)",
-                                  "'dynamic.weight': field 'config'.*activation.*symmetric=True"),
-    "static symmetric label on asymmetric": ("static.weight", "StaticInt8(act_symmetric=True)",
-                                             "'static.weight': field 'config'.*activation"),
-    "no smoothing in the label": ("static.weight", "StaticInt8(smoothing=None)",
-                                  "'static.weight': field 'config'.*act_smooth absent; the tensor has act_smooth present"),
+# -- 7. specs ---------------------------------------------------------------------------------
+def _spec(config) -> dict:
+    return spec_to_json(config.spec())
+
+
+def _edited(config, part: str, **changes) -> dict:
+    spec = _spec(config)
+    spec[part] = {**spec[part], **changes}
+    return spec
+
+
+BAD_SPECS = {  # entry, spec, message
+    "not an object": ("int8.weight", "Int8WeightOnly()", "'int8.weight': field 'spec': expected an object"),
+    "missing field": ("int8.weight", {"weight": _spec(lowbit.Int8WeightOnly())["weight"]}, "'int8.weight': field 'spec'"),
+    "extra field": ("int8.weight", {**_spec(lowbit.Int8WeightOnly()), "code": "os.system"}, "'int8.weight': field 'spec'"),
+    "string for an int": ("int4.weight", _edited(lowbit.Int4WeightOnly(group_size=32), "weight", group_size="32"),
+                          "'int4.weight': field 'spec': weight.group_size: expected int \\| None; received '32'"),
+    "bool for an int": ("int4.weight", _edited(lowbit.Int4WeightOnly(group_size=32), "weight", group_size=True),
+                        "'int4.weight': field 'spec': weight.group_size"),
+    "invalid spec": ("int4.weight", _edited(lowbit.Int4WeightOnly(group_size=32), "weight", symmetric=True),
+                     "'int4.weight': field 'spec': uint4 weights are affine"),
+    "unknown scheme": ("int8.weight", _edited(lowbit.Int8WeightOnly(group_size=32), "weight", scheme="int9"),
+                       "'int8.weight': field 'spec': unknown scheme|no 'none' activation scheme"),
+    "int4 spec on an int8 tensor": ("int8.weight", _spec(lowbit.Int4WeightOnly(group_size=32)),
+                                    "'int8.weight': field 'spec'.*gives scheme int4; the tensor has scheme int8"),
+    "weight-only spec on a dynamic tensor": ("dynamic.weight", _spec(lowbit.Int8WeightOnly()), "'dynamic.weight': field 'spec'.*scheme"),
+    "spec of a module swap": ("swapped.weight", _spec(lowbit.Float8WeightOnly()), "'swapped.weight': field 'spec'.*scheme"),
+    "symmetric spec on uint4": ("int4.weight", _spec(lowbit.Int4WeightOnly(group_size=32, symmetric=True)),
+                                "'int4.weight': field 'spec'.*qtype int4; the tensor has qtype uint4"),
+    "other float8 dtype": ("float8_weight.weight", _spec(lowbit.Float8WeightOnly(float8_dtype=torch.float8_e5m2)),
+                           "'float8_weight.weight': field 'spec'.*qtype float8_e5m2"),
+    "other group size": ("int4.weight", _spec(lowbit.Int4WeightOnly(group_size=64)),
+                         "'int4.weight': field 'spec'.*block_size \\(1, 64\\).*; the tensor has block_size \\(1, 32\\)"),
+    "per-group spec on per-channel": ("embed.weight", _spec(lowbit.Int8WeightOnly(group_size=32)), "'embed.weight': field 'spec'.*block_size"),
+    "group size that does not divide": ("int4.weight", _spec(lowbit.Int4WeightOnly(group_size=256)), "'int4.weight': field 'spec'.*block_size"),
+    "other activation symmetry": ("dynamic.weight", _spec(lowbit.Int8DynamicActivation(act_symmetric=True)),
+                                  "'dynamic.weight': field 'spec'.*activation.*symmetric=True"),
+    "static symmetric spec on asymmetric": ("static.weight", _spec(lowbit.StaticInt8(act_symmetric=True)),
+                                            "'static.weight': field 'spec'.*activation"),
+    "no smoothing in the spec": ("static.weight", _spec(lowbit.StaticInt8(smoothing=None)),
+                                 "'static.weight': field 'spec'.*act_smooth absent; the tensor has act_smooth present"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_LABELS))
-def test_config_label_is_parsed_and_agrees(case, tmp_path):
-    name, label, message = BAD_LABELS[case]
-    bad = rewrite(VALID, tmp_path / "bad.safetensors", header=set_value(name, "config", value=label))
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_spec_is_read_strictly_and_agrees_with_its_tensor(case, tmp_path):
+    name, spec, message = BAD_SPECS[case]
+    bad = rewrite(VALID, tmp_path / "bad.safetensors", header=set_value(name, "spec", value=spec))
     assert_rejected(bad, message)
     with pytest.raises(CheckpointError, match=message):
         describe(bad)
 
 
-EVERY_FIELD_SET = [  # one config per class with each field off its default, so each annotation is parsed
+EVERY_FIELD_SET = [  # one config per class with each field off its default
     lowbit.Int8WeightOnly(group_size=32, kernel="reference"),
     lowbit.Int4WeightOnly(group_size=64, symmetric=True, kernel="reference"),
+    lowbit.IntxWeightOnly(bits=5, group_size=64, symmetric=True, kernel="reference"),
     lowbit.Int8DynamicActivation(act_symmetric=True, group_size=32, kernel="reference"),
     lowbit.Float8WeightOnly(float8_dtype=torch.float8_e5m2, kernel="reference"),
     lowbit.Float8DynamicActivation(granularity="per_tensor", float8_dtype=torch.float8_e5m2, kernel="reference"),
@@ -344,18 +353,24 @@ EVERY_FIELD_SET = [  # one config per class with each field off its default, so 
 ]
 
 
-def test_every_config_label_parses_back():
-    assert {type(c) for c in EVERY_FIELD_SET} == set(CONFIG_CLASSES.values())
+def test_every_config_spec_round_trips_through_json():
+    assert {type(c) for c in EVERY_FIELD_SET} == set(lowbit.configs.CONFIGS + lowbit.configs.STATIC_CONFIGS)
     for config in EVERY_FIELD_SET:
-        assert parse_label(config.label(), "tensor 'w'") == config
+        encoded = json.loads(json.dumps(spec_to_json(config.spec())))
+        assert lowbit.specs.spec_from_json(encoded) == config.spec()
 
 
-@pytest.mark.parametrize("label", ["Int8WeightOnly(group_size=32, kernel='auto')", "Int8WeightOnly(kernel='auto', group_size=32)"])
-def test_equivalent_labels_load(label, tmp_path):
-    """Labels spelling a default or in another order still name the config that made the tensor."""
-    path = rewrite(VALID, tmp_path / "ok.safetensors", header=set_value("int8.weight", "config", value=label))
-    loaded = lowbit.load(FixtureModel(), path)
-    assert loaded.int8.lowbit_config == label
+def test_format_2_holds_no_kernel_and_format_1_no_spec(tmp_path):
+    """Kernels are chosen where a model runs: a format-2 entry naming one is refused, a format-1 file's kernel is
+    read and ignored (load's ``kernel`` decides); a spec belongs to format 2 only."""
+    kernel = rewrite(VALID, tmp_path / "kernel.safetensors", header=set_value("int8.weight", "meta", "kernel", value="onednn"))
+    assert_rejected(kernel, "'int8.weight': field 'meta': expected.*received.*'kernel'")
+    spec = rewrite(VALID_V1, tmp_path / "spec.safetensors", header=set_value("int8.weight", "spec", value=_spec(lowbit.Int8WeightOnly())))
+    with pytest.raises(CheckpointError, match="'int8.weight': field 'spec' is not part of format 1"):
+        lowbit.load(FixtureModel(), spec)
+    named = rewrite(VALID_V1, tmp_path / "named.safetensors", header=set_value("int8.weight", "meta", "kernel", value="no-such-kernel"))
+    assert lowbit.load(FixtureModel(), named).int8.weight.kernel == "auto"
+    assert lowbit.load(FixtureModel(), VALID, kernel="reference").int8.weight.kernel == "reference"
 
 
 # -- 8. types of header fields, deep nesting ---------------------------------------------------
@@ -363,10 +378,8 @@ STRING_FIELDS = {  # entry and path of a field holding a string -> message namin
     ("int8.weight", "class"): "'int8.weight': field 'class'",
     ("int8.weight", "scheme"): "'int8.weight': field 'scheme'",
     ("int8.weight", "dtype"): "'int8.weight': field 'dtype'",
-    ("int8.weight", "config"): "'int8.weight': field 'config'",
     ("swapped.weight", "module"): "'swapped.weight': field 'module'",
     ("int8.weight", "meta", "qtype"): "'int8.weight': field 'meta.qtype'",
-    ("int8.weight", "meta", "kernel"): "'int8.weight': field 'meta.kernel'",
     ("int8.weight", "tensors", "scale"): "'int8.weight': field 'tensors.scale'",
     ("dynamic.weight::weight", "class"): "'dynamic.weight::weight': field 'class'",
     ("dynamic.weight::weight", "tensors", "qdata"): "'dynamic.weight::weight': field 'tensors.qdata'",

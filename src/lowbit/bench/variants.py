@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 
 import lowbit
-from lowbit.configs import NAMED_CONFIGS, STATIC_CONFIGS, config_from_name
+from lowbit.configs import NAMED_CONFIGS, STATIC_CONFIGS, IntxWeightOnly, config_from_name
 from lowbit.tensors import QuantizedTensor
 
 from .peers import peer_list
 
-DEFAULT_CONFIGS = [config_from_name(name) for name in NAMED_CONFIGS]  # one of each, with its defaults
+DEFAULT_CONFIGS = [config for config in NAMED_CONFIGS.values() if not isinstance(config, IntxWeightOnly)]  # one of each config class, with its defaults (intx: its own rows)
 # opt-in kernels measured beside the defaults
 OPT_IN_CONFIGS = [lowbit.Int8WeightOnly(kernel="onednn"), lowbit.Int8DynamicActivation(kernel="onednn")]
 # non-default settings that BENCHMARKS.md's accuracy table reports on MiniLM

@@ -21,13 +21,15 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..api import (
-    OBSERVER_ATTR, FilterFn, WeightHandler, conv_layout, is_conv1d, linear_weight, module_weight, select_targets, set_submodule,
-)
 from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
-from ..tensors import ActivationQuant, StaticActivationTensor
+from ..targets import (
+    OBSERVER_ATTR, FilterFn, conv_layout, is_conv1d, linear_weight, module_weight, select_targets, set_submodule,
+    validate_targets,
+)
+from ..tensors.from_spec import quantize_block, with_static_activation
+from ..specs import ActivationSpec
 from .observers import OBSERVERS, NotCalibratedError, Observer, PerChannelMinMaxObserver
 
 CHANNEL_OBSERVER_ATTR = "lowbit_channel_observer"  # until the smoothing factors are fixed
@@ -55,13 +57,19 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     already = [fqn for fqn, m in targets if hasattr(m, OBSERVER_ATTR)]
     if already:
         raise ValueError(f"modules {already[:5]} are already prepared; call lowbit.convert or start from a float model")
-    WeightHandler().validate(targets, config, module_swap=False)
+    validate_targets(targets, config, module_swap=False)
+    spec = config.spec()
     for _, module in targets:
-        module.add_module(OBSERVER_ATTR, OBSERVERS[config.observer](config.act_qtype, config.act_symmetric))
-        if config.smoothing is not None and (isinstance(module, nn.Linear) or is_conv1d(module)):  # linear layers only
-            module.add_module(CHANNEL_OBSERVER_ATTR, PerChannelMinMaxObserver(config.act_qtype, axis=-1))
+        module.add_module(OBSERVER_ATTR, observer_for(spec.activation))
+        if spec.activation.smoothing is not None and (isinstance(module, nn.Linear) or is_conv1d(module)):  # linear layers only
+            module.add_module(CHANNEL_OBSERVER_ATTR, PerChannelMinMaxObserver(spec.activation.qtype, axis=-1))
         module._lowbit_static = (config, module.register_forward_pre_hook(_observe_input))
     return model
+
+
+def observer_for(activation: ActivationSpec) -> Observer:
+    """The observer a static activation spec names, for its qtype and symmetry."""
+    return OBSERVERS[activation.observer](activation.qtype, activation.symmetric)
 
 
 def _observe_input(module: nn.Module, args) -> None:
@@ -92,7 +100,7 @@ def _fix_smoothing(module: nn.Module) -> None:
         return
     act_max = torch.maximum(channels.max_val.abs(), channels.min_val.abs())  # (K,)
     weight_max = linear_weight(module).detach().float().abs().amax(0)  # (K,)
-    module.register_buffer(SMOOTHING_ATTR, smoothing_factors(act_max, weight_max, module._lowbit_static[0].smoothing))
+    module.register_buffer(SMOOTHING_ATTR, smoothing_factors(act_max, weight_max, module._lowbit_static[0].spec().activation.smoothing))
     delattr(module, CHANNEL_OBSERVER_ATTR)
 
 
@@ -195,19 +203,19 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
     planned = []
     for fqn, module in prepared:  # quantize everything before changing anything
         config = module._lowbit_static[0]
+        spec = config.spec()
         check_finite(module.weight.detach(), f"{fqn}.weight")
         smooth, weight = getattr(module, SMOOTHING_ATTR, None), linear_weight(module).detach()
         if smooth is not None:
             weight = (weight.float() * smooth).to(weight.dtype)
         scale, zero_point = getattr(module, OBSERVER_ATTR).calculate_qparams()
-        activation = ActivationQuant(config.act_qtype, "per_tensor", config.act_symmetric)
         with torch.no_grad():
-            qweight = config.quantize_weight(weight, f"{fqn}.weight", **conv_layout(module))
-        planned.append((fqn, module, StaticActivationTensor.wrap_static(qweight, activation, scale.float(), zero_point, smooth)))
+            block = quantize_block(weight, spec.weight, kernel=config.kernel, name=f"{fqn}.weight", **conv_layout(module))
+        planned.append((fqn, module, with_static_activation(block, spec.activation, scale.float(), zero_point, smooth)))
     for module in self_observing:
         module.freeze()
     for fqn, module, qweight in planned:
-        label = module._lowbit_static[0].label()  # recorded by lowbit.save
+        spec = module._lowbit_static[0].spec()  # recorded by lowbit.save
         module._lowbit_static[1].remove()
         del module._lowbit_static
         delattr(module, OBSERVER_ATTR)
@@ -219,5 +227,5 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
             set_submodule(model, fqn, module)
         else:
             module.weight = nn.Parameter(module_weight(module, qweight), requires_grad=False)
-        module.lowbit_config = label
+        module.lowbit_spec = spec
     return model

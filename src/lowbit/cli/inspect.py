@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     totals, model = info["totals"], info["model"] or {}
     dense, stored = totals["dense_bytes"], totals["stored_bytes"]
-    configs = Counter(r["config"] for r in info["tensors"] if r["config"] and not r["tied_to"])
+    specs = Counter(r["spec"] for r in info["tensors"] if r["spec"] and not r["tied_to"])
     print(f"{info['path']}: lowbit checkpoint format {info['format_version']}, written by lowbit {info['lowbit_version']}")
     if model:
         print(f"model: {model.get('class')} ({model.get('module')}), {model.get('dtype')}")
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
           f"quantized {totals['quantized_bytes'] / 1e6:.2f} MB, float {totals['float_bytes'] / 1e6:.2f} MB; "
           f"file {totals['file_bytes'] / 1e6:.2f} MB")
     print("schemes: " + ", ".join(f"{scheme} x{count}" for scheme, count in totals["schemes"].items()))
-    if configs:
-        print("configs: " + ", ".join(f"{label} x{count}" for label, count in configs.items()))
+    if specs:
+        print("specs: " + "; ".join(f"{spec} x{count}" for spec, count in specs.items()))
     print()
     print(table(info["tensors"], COLUMNS))
     return 0

@@ -16,41 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..primitives.affine import choose_qparams, dequantize, quantize
-from ..primitives.blocks import per_token_block
-from ..primitives.packing import unpack_int4
-from ..primitives.qtypes import get_qtype
-from .registry import register_kernel
-
-WEIGHT_SCHEMES = ("int8", "int4", "float8")
-DYNAMIC_SCHEMES = ("int8_dynamic", "float8_dynamic")
-STATIC_SCHEMES = ("int8_static", "float8_static")
-
-
-def dequantize_weight(tensors: Mapping[str, torch.Tensor], meta: Mapping, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize a block-quantized weight given as plain inner tensors and metadata."""
-    qt = get_qtype(meta["qtype"])
-    q = tensors["qdata"]
-    if qt.packed:
-        q = unpack_int4(q, signed=qt.qmin < 0, dim=meta["packed_dim"])
-    return dequantize(q, tensors["scale"], tensors.get("zero_point"), meta["block_size"], dtype)
-
-
-def fake_quantize_activation(x: torch.Tensor, act) -> torch.Tensor:
-    """Quantize-dequantize ``x`` as ``act`` (an ActivationQuant) does."""
-    block = per_token_block(x.shape) if act.granularity == "per_token" else tuple(x.shape)
-    scale, zero_point = choose_qparams(x, block, act.qtype, symmetric=act.symmetric, ignore_nonfinite=True)
-    q = quantize(x, scale, zero_point, block, act.qtype, saturate_nonfinite=True)
-    return dequantize(q, scale, zero_point, block, x.dtype)
-
-
-def fake_quantize_static(x: torch.Tensor, act, scale: torch.Tensor, zero_point) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with a calibrated per-tensor scale."""
-    ones = (1,) * x.dim()
-    scale = scale.reshape(ones)
-    zero_point = None if zero_point is None else zero_point.reshape(ones)
-    q = quantize(x, scale, zero_point, tuple(x.shape), act.qtype, saturate_nonfinite=True)
-    return dequantize(q, scale, zero_point, tuple(x.shape), x.dtype)
+from ..primitives.fake_quantize import dequantize_weight, fake_quantize_activation, fake_quantize_static
 
 
 def saturate_inf(x: torch.Tensor) -> torch.Tensor:
@@ -114,15 +80,7 @@ def _static_conv(x, tensors, meta, bias):
     return _conv(xq, tensors, meta, bias)
 
 
-for _scheme in ("int8", "float8"):
-    register_kernel("conv", _scheme, "reference", priority=-100)(_conv)
-for _scheme in STATIC_SCHEMES:
-    register_kernel("conv", _scheme, "reference", priority=-100)(_static_conv)
-for _scheme in WEIGHT_SCHEMES:
-    register_kernel("linear", _scheme, "reference", priority=-100)(_linear)
-    register_kernel("bmm", _scheme, "reference", priority=-100)(_bmm)
-    register_kernel("embedding", _scheme, "reference", priority=-100)(_embedding)
-for _scheme in DYNAMIC_SCHEMES:
-    register_kernel("linear", _scheme, "reference", priority=-100)(_dynamic_linear)
-for _scheme in STATIC_SCHEMES:
-    register_kernel("linear", _scheme, "reference", priority=-100)(_static_linear)
+# The reference kernel of each op, by activation mode; lowbit.tensors.schemes registers them for every scheme.
+WEIGHT_ONLY = {"linear": _linear, "bmm": _bmm, "embedding": _embedding, "conv": _conv}
+DYNAMIC = {"linear": _dynamic_linear}
+STATIC = {"linear": _static_linear, "conv": _static_conv}

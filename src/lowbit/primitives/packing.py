@@ -1,8 +1,63 @@
-"""Two 4-bit values per byte: element 2i in the low nibble, 2i+1 in the high nibble."""
+"""Sub-byte values packed along one dim as a little-endian bit stream.
+
+Value j of a packed run occupies stream bits [j*bits, (j+1)*bits); stream bit i is bit (i % 8) of byte i // 8.
+For 4 bits this is element 2i in the low nibble, 2i+1 in the high nibble. Signed values are stored as their
+``bits``-bit two's complement; a run whose bit count is not a multiple of 8 ends in zero bits.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 1..8; received {bits!r}")
+
+
+def pack_bits(q: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack integer values of ``bits`` bits (signed or unsigned) along ``dim`` into uint8, ceil(n * bits / 8) bytes.
+
+    Example:
+        >>> pack_bits(torch.tensor([[1, 2, 3]], dtype=torch.uint8), 3)
+        tensor([[209, 0]], dtype=torch.uint8)
+    """
+    _check_bits(bits)
+    if q.dtype.is_floating_point or q.dtype == torch.bool:
+        raise ValueError(f"pack_bits takes an integer tensor; received {q.dtype}")
+    lo, hi = (-(1 << bits - 1), (1 << bits - 1) - 1) if q.dtype.is_signed else (0, (1 << bits) - 1)
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"{bits}-bit {'signed' if q.dtype.is_signed else 'unsigned'} values must lie in [{lo}, {hi}]; "
+                         f"received values in [{int(q.min())}, {int(q.max())}]")
+    dim = dim % q.dim()
+    n = q.shape[dim]
+    codes = q.movedim(dim, -1).to(torch.int64) & ((1 << bits) - 1)  # (..., n)
+    codes = F.pad(codes, (0, -n % 8)).unflatten(-1, (-1, 8))  # (..., n/8, 8): 8 values fill `bits` whole bytes
+    words = (codes << (bits * torch.arange(8, device=q.device))).sum(-1, keepdim=True)  # (..., n/8, 1) 8*bits bits
+    packed = ((words >> (8 * torch.arange(bits, device=q.device))) & 0xFF).to(torch.uint8).flatten(-2)
+    return packed[..., : -(-n * bits // 8)].movedim(-1, dim)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, length: int, signed: bool, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``length`` values along ``dim``, int8 if ``signed`` else uint8.
+
+    Example:
+        >>> unpack_bits(torch.tensor([[209, 0]], dtype=torch.uint8), 3, 3, signed=False)
+        tensor([[1, 2, 3]], dtype=torch.uint8)
+    """
+    _check_bits(bits)
+    dim = dim % packed.dim()
+    if packed.dtype != torch.uint8 or packed.shape[dim] != -(-length * bits // 8):
+        raise ValueError(f"expected uint8 with {-(-length * bits // 8)} bytes along dim {dim} for {length} {bits}-bit "
+                         f"values; received {packed.dtype} of shape {tuple(packed.shape)}")
+    data = packed.movedim(dim, -1).to(torch.int64)
+    data = F.pad(data, (0, -data.shape[-1] % bits)).unflatten(-1, (-1, bits))  # (..., n/8, bits): 8 values each
+    words = (data << (8 * torch.arange(bits, device=packed.device))).sum(-1, keepdim=True)  # (..., n/8, 1)
+    values = ((words >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)).flatten(-2)[..., :length]
+    if signed:
+        values = values - ((values >> (bits - 1)) << bits)  # two's complement
+    return values.to(torch.int8 if signed else torch.uint8).movedim(-1, dim)
 
 
 def pack_int4(q: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -15,10 +70,7 @@ def pack_int4(q: torch.Tensor, dim: int = -1) -> torch.Tensor:
     dim = dim % q.dim()
     if q.shape[dim] % 2:
         raise ValueError(f"int4 packing needs an even size along dim {dim}; received shape {tuple(q.shape)}")
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)  # two's complement low nibble for signed values
-    pairs = nibbles.unflatten(dim, (-1, 2))  # (..., K/2, 2, ...)
-    low, high = pairs.unbind(dim + 1)
-    return low | (high << 4)
+    return pack_bits(q, 4, dim)
 
 
 def unpack_int4(packed: torch.Tensor, signed: bool, dim: int = -1) -> torch.Tensor:
@@ -28,11 +80,4 @@ def unpack_int4(packed: torch.Tensor, signed: bool, dim: int = -1) -> torch.Tens
         >>> unpack_int4(torch.tensor([[225]], dtype=torch.uint8), signed=True)
         tensor([[ 1, -2]], dtype=torch.int8)
     """
-    dim = dim % packed.dim()
-    low = packed & 0xF
-    high = packed >> 4
-    q = torch.stack([low, high], dim=dim + 1).flatten(dim, dim + 1)  # (..., K, ...)
-    if not signed:
-        return q
-    q = q.to(torch.int8)
-    return torch.where(q >= 8, q - 16, q)
+    return unpack_bits(packed, 4, packed.shape[dim] * 2, signed, dim)

@@ -44,6 +44,8 @@ QTYPES = MappingProxyType(
         "uint8": QType("uint8", torch.uint8, 0, 255, 8),
         "int4": QType("int4", torch.int8, -8, 7, 4),
         "uint4": QType("uint4", torch.uint8, 0, 15, 4),
+        **{f"int{b}": QType(f"int{b}", torch.int8, -(1 << b - 1), (1 << b - 1) - 1, b) for b in (2, 3, 5, 6, 7)},
+        **{f"uint{b}": QType(f"uint{b}", torch.uint8, 0, (1 << b) - 1, b) for b in (2, 3, 5, 6, 7)},
         "float8_e4m3fn": _float8("float8_e4m3fn", torch.float8_e4m3fn),
         "float8_e5m2": _float8("float8_e5m2", torch.float8_e5m2),
     }

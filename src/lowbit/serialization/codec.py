@@ -20,19 +20,18 @@ import torch
 
 from ..modules import QuantizedLinear
 from ..primitives.qtypes import QTYPES
-from ..tensors import (
-    ActivationQuant, DynamicActivationTensor, Float8Tensor, Int4Tensor, Int8Tensor, QuantizedTensor,
-    StaticActivationTensor,
-)
+from ..specs import ActivationQuant
+from ..tensors import QuantizedTensor
+from ..tensors.activation import WRAPPERS, DynamicActivationTensor, StaticActivationTensor
 from ..tensors.blockwise import PACKED_NAMES, BlockQuantizedTensor, with_packing
+from ..tensors.schemes import SCHEMES, get_scheme, scheme_for
 from .container import CheckpointError, StoredTensor, shown
 
-BLOCK_CLASSES = {cls.__name__: cls for cls in (Int8Tensor, Int4Tensor, Float8Tensor)}
-WRAPPER_CLASSES = {cls.__name__: cls for cls in (DynamicActivationTensor, StaticActivationTensor)}
+BLOCK_CLASSES = {scheme.tensor.__name__: scheme.tensor for scheme in SCHEMES.values()}  # the registered schemes' classes
+WRAPPER_CLASSES = {cls.__name__: cls for cls in WRAPPERS.values()}
 CLASSES = {**BLOCK_CLASSES, **WRAPPER_CLASSES}
-WRAPPER_SUFFIXES = {"dynamic": DynamicActivationTensor, "static": StaticActivationTensor}  # of a scheme name
 META_DATACLASSES = {"ActivationQuant": ActivationQuant}
-SCHEME_QTYPES = {"int8": ("int8",), "int4": ("int4", "uint4"), "float8": ("float8_e4m3fn", "float8_e5m2")}
+RUNTIME_META = ("kernel",)  # chosen where the model runs: files of format 1 hold it, later ones do not
 FLOAT_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 SEPARATOR = "::"  # file names of inner tensors: "<entry>::<field>[::<field>...]"
 
@@ -60,7 +59,7 @@ def encode(t: QuantizedTensor, name: str, out: dict[str, torch.Tensor]) -> dict:
     entry = {
         "class": type(t).__name__, "scheme": t.scheme, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
         "meta": {n: _encode_value(getattr(t, n), f"{name}: metadata {n!r}") for n in t.meta_names
-                 if n not in t.optional_meta_names or getattr(t, n) is not None},  # unset optional fields stay out
+                 if n not in RUNTIME_META and (n not in t.optional_meta_names or getattr(t, n) is not None)},  # unset optional fields stay out
         "tensors": {},
     }
     for field, inner in t.fields().items():
@@ -89,14 +88,15 @@ def _encode_value(value, where: str):
 
 def swapped_weight(module: QuantizedLinear) -> QuantizedTensor:
     """The tensor subclass a :class:`~lowbit.QuantizedLinear` holds as buffers (canonical layout)."""
-    base, _, kind = module.scheme.partition("_")
-    block = {cls.scheme: cls for cls in BLOCK_CLASSES.values()}.get(base)
-    if block is None or (kind and kind not in WRAPPER_SUFFIXES):
+    scheme = SCHEMES.get(module.scheme)
+    if scheme is None:
         raise ValueError(f"lowbit.save cannot store a QuantizedLinear of scheme {module.scheme!r}")
     tensors, meta = {n: getattr(module, n) for n in module.tensor_names}, module.meta
     outer = {"shape": meta["shape"], "dtype": meta["dtype"]}
-    weight = _construct(block, tensors, meta, **outer).canonical()
-    return _construct(WRAPPER_SUFFIXES[kind], {**tensors, "weight": weight}, meta, **outer) if kind else weight
+    weight = _construct(scheme.tensor, tensors, meta, **outer).canonical()
+    if scheme.activation == "none":
+        return weight
+    return _construct(WRAPPERS[scheme.activation], {**tensors, "weight": weight}, meta, **outer)
 
 
 def _construct(cls, tensors: dict, meta: dict, **outer) -> QuantizedTensor:
@@ -106,7 +106,7 @@ def _construct(cls, tensors: dict, meta: dict, **outer) -> QuantizedTensor:
 
 # -- decoding ----------------------------------------------------------------------------------
 ENTRY_FIELDS = ("class", "scheme", "shape", "dtype", "meta", "tensors")
-LABEL_FIELDS = ("config", "module")  # top-level entries only: the config label and a module swap (see loading)
+TOP_FIELDS = ("spec", "config", "module")  # top-level entries only: the spec (format 2) or config label (format 1), a module swap
 SCALE_DTYPES = tuple(FLOAT_DTYPES.values())
 POSITIVE_FIELDS = ("scale", "act_scale", "act_smooth")  # scales and smoothing divisors
 META_TYPES = {  # metadata field -> (accepts the JSON value, what is expected); meanings are checked with the layout
@@ -137,8 +137,7 @@ class Node:
     def scheme(self) -> str:
         """The scheme of the tensor this entry builds, e.g. ``"int8_static"``."""
         if self.cls in WRAPPER_CLASSES.values():
-            suffix = next(s for s, cls in WRAPPER_SUFFIXES.items() if cls is self.cls)
-            return f"{self.fields['weight'].cls.scheme}_{suffix}"
+            return scheme_for(self.fields["weight"].cls.scheme, self.cls.mode).name
         return self.cls.scheme
 
     def file_tensors(self) -> list[str]:
@@ -159,14 +158,16 @@ class Inner:
     why: str = ""
 
 
-def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str], inner: bool = False) -> Node:
+def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str], inner: bool = False, kernel: str = "auto",
+           version: int = 2) -> Node:
     """Validate a quantized entry against the container (the type of every field, the scheme's metadata,
-    the presence, shape and dtype of each inner tensor); file tensors it uses are added to ``claimed``."""
+    the presence, shape and dtype of each inner tensor); file tensors it uses are added to ``claimed``. The
+    node's tensors will prefer ``kernel`` (a run-time choice: a format-1 file's kernel field is not used)."""
     where = f"tensor {name!r}"
     allowed = BLOCK_CLASSES if inner else CLASSES
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: expected a JSON object as header entry; received {shown(entry)}")
-    optional = () if inner else LABEL_FIELDS
+    optional = () if inner else TOP_FIELDS
     if not set(ENTRY_FIELDS) <= set(entry) <= set(ENTRY_FIELDS + optional):
         raise CheckpointError(f"{where}: expected the fields {list(ENTRY_FIELDS)} and optionally {list(optional)}; "
                               f"received {shown(sorted(entry))}")
@@ -178,7 +179,9 @@ def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str],
         raise CheckpointError(f"{where}: field 'shape': expected a list of non-negative ints; received {shown(shape)}")
     if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{where}: field 'dtype': expected one of {sorted(FLOAT_DTYPES)}; received {shown(dtype)}")
-    meta = _decode_meta(cls, entry["meta"], where)
+    meta = _decode_meta(cls, entry["meta"], where, version)
+    if "kernel" in cls.meta_names:
+        meta["kernel"] = kernel
     fields = entry["tensors"]
     names = cls.tensor_names + tuple(n for n in cls.optional_tensor_names if n not in PACKED_NAMES)
     if not isinstance(fields, dict) or not set(cls.tensor_names) <= set(fields) <= set(names):
@@ -188,7 +191,7 @@ def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str],
     decoded = {}
     for field, value in fields.items():
         if field == "weight" and cls in WRAPPER_CLASSES.values():
-            decoded[field] = decode(value, f"{name}{SEPARATOR}weight", stored, claimed, inner=True)
+            decoded[field] = decode(value, f"{name}{SEPARATOR}weight", stored, claimed, inner=True, kernel=kernel, version=version)
         elif not isinstance(value, str) or value not in stored or value in claimed:
             problem = "not a string" if not isinstance(value, str) else "used twice" if value in claimed else "not in the file"
             raise CheckpointError(f"{where}: field 'tensors.{field}': expected the name of an unused file tensor; "
@@ -205,11 +208,14 @@ def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str],
     return node
 
 
-def _decode_meta(cls, meta, where: str) -> dict:
-    required = [n for n in cls.meta_names if n not in cls.optional_meta_names]
-    if not isinstance(meta, dict) or not set(required) <= set(meta) <= set(cls.meta_names):
+def _decode_meta(cls, meta, where: str, version: int) -> dict:
+    """Format 1 names each tensor's kernel (read and not used); later formats hold none."""
+    stored = [n for n in cls.meta_names if version == 1 or n not in RUNTIME_META]
+    required = [n for n in stored if n not in cls.optional_meta_names + RUNTIME_META]
+    optional = [n for n in stored if n not in required]
+    if not isinstance(meta, dict) or not set(required) <= set(meta) <= set(stored):
         got = sorted(meta) if isinstance(meta, dict) else meta
-        raise CheckpointError(f"{where}: field 'meta': expected {required} and optionally {list(cls.optional_meta_names)}; "
+        raise CheckpointError(f"{where}: field 'meta': expected {required} and optionally {optional}; "
                               f"received {shown(got)}")
     decoded = {}
     for name, value in meta.items():
@@ -240,7 +246,7 @@ def _block_layout(node: Node, where: str) -> dict[str, Inner]:
     zero_point have ``shape[i] // block_size[i]`` entries along each dim; unsigned qtypes have a zero point
     of their storage dtype, symmetric ones none."""
     shape, meta = node.shape, node.meta
-    qtypes = SCHEME_QTYPES[node.cls.scheme]
+    qtypes = get_scheme(node.cls.scheme).qtypes
     if meta["qtype"] not in qtypes:
         raise CheckpointError(f"{where}: field 'meta.qtype': expected one of {list(qtypes)} for {node.cls.__name__}; "
                               f"received {shown(meta['qtype'])}")
@@ -256,7 +262,7 @@ def _block_layout(node: Node, where: str) -> dict[str, Inner]:
     if groups is not None and (groups < 1 or len(shape) < 3 or shape[0] % groups):
         raise CheckpointError(f"{where}: field 'meta.groups': expected null or a convolution's groups (a positive int "
                               f"dividing dim 0 of a weight of 3 or more dims); received {groups} for shape {list(shape)}")
-    qshape = tuple(s // 2 if d == packed_dim else s for d, s in enumerate(shape))
+    qshape = tuple(-(-s * qtype.bits // 8) if d == packed_dim else s for d, s in enumerate(shape))  # bit-packed bytes
     blocks = tuple(s // b for s, b in zip(shape, block))
     unsigned = not qtype.is_float and qtype.qmin == 0
     why = f"{qtype.name} values are offset by a zero point" if unsigned else f"{qtype.name} is symmetric"
@@ -273,7 +279,7 @@ def _wrapper_layout(node: Node, where: str) -> dict[str, Inner]:
     if (weight.shape, weight.dtype) != (node.shape, node.dtype):
         raise CheckpointError(f"{where}: its inner weight should be {list(node.shape)} {dtype_name(node.dtype)}; received "
                               f"{list(weight.shape)} {dtype_name(weight.dtype)}")
-    static = node.cls is StaticActivationTensor
+    static = node.cls.mode == "static"
     if activation.qtype != weight.meta["qtype"] or (static and activation.granularity != "per_tensor"):
         granularity = " and granularity 'per_tensor' (static)" if static else ""
         raise CheckpointError(f"{where}: field 'meta.activation': expected the weight's qtype {weight.meta['qtype']!r}"

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 FORMAT = "lowbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: config labels and kernel names in the header; 2: specs, no kernels
 METADATA_KEY = "lowbit"
 WEIGHTS_NAME = "model.safetensors"
 HEADER_NAME = "lowbit.json"
@@ -126,10 +127,10 @@ def _lowbit_header(path: Path, metadata) -> dict:
         received = header.get("format") if isinstance(header, dict) else header
         raise CheckpointError(f"{path}: header field 'format': expected {FORMAT!r}; received {shown(received)}")
     version = header.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         hint = "; upgrade lowbit to read it" if type(version) is int and version > FORMAT_VERSION else ""
-        raise CheckpointError(f"{path}: header field 'format_version': expected {FORMAT_VERSION} (what this lowbit "
-                              f"reads); received {shown(version)}{hint}")
+        raise CheckpointError(f"{path}: header field 'format_version': expected one of {list(READABLE_VERSIONS)} (what "
+                              f"this lowbit reads); received {shown(version)}{hint}")
     for key in ("entries", "crc32"):
         if not isinstance(header.get(key), dict):
             raise CheckpointError(f"{path}: header field {key!r}: expected a JSON object; received {shown(header.get(key))}")

@@ -20,11 +20,12 @@ import torch
 import torch.nn as nn
 
 from ..modules import QuantizedLinear
+from ..specs import QuantSpec
 from ..tensors import QuantizedTensor
 from .codec import Node, build, check_values, decode, dtype_name, pack
 from .container import Checkpoint, CheckpointError, TensorReader, read_checkpoint, shown
-from .labels import check_label
-from .saving import CONFIG_ATTR
+from .saving import SPEC_ATTR
+from .spec_check import check_spec, read_spec
 
 SWAP_MODULE = "QuantizedLinear"
 
@@ -37,7 +38,7 @@ class Entry:
     tensor: str | None = None
     node: Node | None = None
     tied_to: str | None = None
-    config: str | None = None
+    spec: QuantSpec | None = None
     module: str | None = None
 
 
@@ -55,7 +56,7 @@ class Slot:
     requires_grad: bool
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, kernel: str = "auto") -> nn.Module:
     """Restore a checkpoint written by :func:`lowbit.save` into ``model`` (in place) and return it.
 
     ``model`` has the architecture that was saved: a float model, one built on the meta device (then
@@ -76,8 +77,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         CheckpointError: the file is corrupt, truncated, of another format or version, has a header
             field of the wrong type, names a class lowbit does not rebuild, holds inner tensors that do
             not fit their scheme (presence, shape, dtype; scales and smoothing divisors finite and
-            positive, zero points in range), a config label that is not a config or not the one that
-            made its tensor, or does not match ``model`` (missing or unexpected tensors, shapes,
+            positive, zero points in range), a spec that is invalid or not the one that made its
+            tensor, a kernel that cannot run here, or does not match ``model`` (missing or unexpected tensors, shapes,
             dtypes); ``model`` is unchanged.
 
     Example:
@@ -90,7 +91,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         'Int8Tensor'
     """
     checkpoint = read_checkpoint(path)
-    entries = decode_entries(checkpoint)
+    entries = decode_entries(checkpoint, kernel)
     slots = _slots(model)
     _match(entries, slots, checkpoint)
     with TensorReader(checkpoint) as reader:
@@ -104,10 +105,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def decode_entries(checkpoint: Checkpoint) -> dict[str, Entry]:
-    """Validate every header entry against the container (and a quantized entry's config label against its
-    tensor); every file tensor must be used exactly once."""
+def decode_entries(checkpoint: Checkpoint, kernel: str = "auto") -> dict[str, Entry]:
+    """Validate every header entry against the container (and a quantized entry's spec against its tensor);
+    every file tensor must be used exactly once. A format-1 entry's config label is read as text only."""
     raw_entries, stored, claimed, entries = checkpoint.header["entries"], checkpoint.tensors, set(), {}
+    version = checkpoint.header["format_version"]
+    if not isinstance(kernel, str):
+        raise ValueError(f"kernel must be a kernel name such as 'auto'; received {kernel!r}")
     for name, raw in raw_entries.items():
         where = f"tensor {name!r}"
         if not isinstance(raw, dict):
@@ -124,15 +128,18 @@ def decode_entries(checkpoint: Checkpoint) -> dict[str, Entry]:
             claimed.add(file_name)
             entries[name] = Entry(name, tensor=file_name)
         else:
-            config, module = raw.get("config"), raw.get("module")
-            if not (config is None or isinstance(config, str)):
-                raise CheckpointError(f"{where}: field 'config': expected a config label or null; received {shown(config)}")
+            module, own, other = raw.get("module"), *(("config", "spec") if version == 1 else ("spec", "config"))
+            if other in raw:
+                raise CheckpointError(f"{where}: field {other!r} is not part of format {version} (it holds {own!r})")
+            if version == 1 and not (raw.get("config") is None or isinstance(raw["config"], str)):
+                raise CheckpointError(f"{where}: field 'config': expected a config label or null; received {shown(raw['config'])}")
             if module not in (None, SWAP_MODULE):
                 raise CheckpointError(f"{where}: field 'module': expected null or {SWAP_MODULE!r}; received {shown(module)}")
-            node = decode(raw, name, stored, claimed)
-            if config is not None:
-                check_label(config, node, where)
-            entries[name] = Entry(name, node=node, config=config, module=module)
+            node = decode(raw, name, stored, claimed, kernel=kernel, version=version)
+            spec = None if version == 1 or raw.get("spec") is None else read_spec(raw["spec"], where)
+            if spec is not None:
+                check_spec(spec, node, where)
+            entries[name] = Entry(name, node=node, spec=spec, module=module)
     unused = sorted(set(stored) - claimed)
     if unused:
         raise CheckpointError(f"{checkpoint.path} is corrupt: file tensors {unused[:5]} are not referenced by the lowbit header")
@@ -258,5 +265,5 @@ def _commit(model, entries, slots, values, swaps) -> None:
 
 
 def _label(module: nn.Module, entry: Entry) -> None:
-    if entry.config is not None:
-        setattr(module, CONFIG_ATTR, entry.config)
+    if entry.spec is not None:
+        setattr(module, SPEC_ATTR, entry.spec)

@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 
 from ..modules import QuantizedLinear
+from ..specs import spec_to_json
 from ..tensors import QuantizedTensor
 from .codec import dtype_name, encode, swapped_weight
 from .container import FORMAT, FORMAT_VERSION, HEADER_NAME, WEIGHTS_NAME, crc32, write_checkpoint
 
-CONFIG_ATTR = "lowbit_config"  # set on a module by quantize_/convert: the label of the config that quantized its weight
+SPEC_ATTR = "lowbit_spec"  # set on a module by quantize_/convert/load: the QuantSpec its weight was quantized with
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -23,7 +24,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     Quantized weights are stored in their canonical layout (no kernel-packed fields, so the file loads
     on any machine) with a JSON header in the safetensors metadata: format and lowbit versions, and per
     tensor its class, scheme, metadata, outer shape and dtype, the file names of its inner tensors, the
-    config label and a CRC32 of each stored tensor. Tied parameters are stored once.
+    spec it was quantized with and a CRC32 of each stored tensor. Tied parameters are stored once.
 
     Args:
         model: a float, quantized (tensor subclasses or :class:`~lowbit.QuantizedLinear`) or mixed model.
@@ -94,7 +95,8 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             model_dtype = dtype_name(value.dtype)
         if isinstance(value, QuantizedTensor):
             entry = encode(value, name, files)
-            entry["config"] = getattr(module, CONFIG_ATTR, None)
+            spec = getattr(module, SPEC_ATTR, None)
+            entry["spec"] = None if spec is None else spec_to_json(spec)
             if isinstance(module, QuantizedLinear):
                 entry["module"] = "QuantizedLinear"
         else:

@@ -8,6 +8,7 @@ from collections import Counter
 
 import torch
 
+from ..specs import describe_spec
 from .codec import dtype_name
 from .container import CheckpointError, read_checkpoint, shown
 from .loading import decode_entries
@@ -42,11 +43,11 @@ def describe(path: str | os.PathLike) -> dict:
         node = source.node
         if node is None:
             tensor = stored[source.tensor]
-            row = {"class": "float", "scheme": "float", "config": None, "qtype": None, "block_size": None,
+            row = {"class": "float", "scheme": "float", "spec": None, "qtype": None, "block_size": None,
                    "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "bytes": tensor.nbytes}
         else:
             block = node.fields.get("weight", node)
-            row = {"class": node.cls.__name__, "scheme": node.scheme, "config": source.config,
+            row = {"class": node.cls.__name__, "scheme": node.scheme, "spec": None if source.spec is None else describe_spec(source.spec),
                    "qtype": block.meta["qtype"], "block_size": list(block.meta["block_size"]), "shape": list(node.shape),
                    "dtype": dtype_name(node.dtype), "bytes": sum(stored[n].nbytes for n in node.file_tensors())}
         if entry.tied_to is not None:

@@ -1,11 +1,13 @@
 """Quantized tensor subclasses."""
 
-from .activation import ActivationQuant, DynamicActivationTensor, StaticActivationTensor
+from ..specs import ActivationQuant
+from .activation import DynamicActivationTensor, StaticActivationTensor
 from .base import QuantizedTensor
 from .blockwise import BlockQuantizedTensor
 from .float8 import Float8Tensor
 from .int4 import Int4Tensor
 from .int8 import Int8Tensor
+from .intx import IntxTensor
 
 __all__ = [
     "ActivationQuant",
@@ -14,6 +16,7 @@ __all__ = [
     "Float8Tensor",
     "Int4Tensor",
     "Int8Tensor",
+    "IntxTensor",
     "QuantizedTensor",
     "StaticActivationTensor",
 ]

@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from ..primitives.qtypes import get_qtype
+from ..specs import ActivationQuant
 from .base import QuantizedTensor, return_view
 from .blockwise import CONV_FUNCTIONS, BlockQuantizedTensor, addmm_function, conv_impl, run_kernel, transposed, with_packing
+from .schemes import scheme_for
 
 aten = torch.ops.aten
-
-GRANULARITIES = ("per_token", "per_tensor")
-
-
-@dataclass(frozen=True)
-class ActivationQuant:
-    """How activations are quantized at run time.
-
-    Attributes:
-        qtype: ``"int8"`` or a float8 qtype name.
-        granularity: ``"per_token"`` (one scale per row of the last dim) or ``"per_tensor"``.
-        symmetric: symmetric range, or asymmetric with an integer zero point (integer qtypes).
-    """
-
-    qtype: str = "int8"
-    granularity: str = "per_token"
-    symmetric: bool = True
-
-    def __post_init__(self):
-        qt = get_qtype(self.qtype)
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"activation granularity must be one of {GRANULARITIES}; received {self.granularity!r}")
-        if qt.is_float and not self.symmetric:
-            raise ValueError(f"{self.qtype} activations are symmetric; received symmetric=False")
 
 
 class DynamicActivationTensor(QuantizedTensor):
@@ -52,16 +27,17 @@ class DynamicActivationTensor(QuantizedTensor):
 
     tensor_names = ("weight",)
     meta_names = ("activation",)
+    mode = "dynamic"  # the activation mode of its schemes (lowbit.tensors.schemes)
 
     @classmethod
     def wrap(cls, weight: BlockQuantizedTensor, activation: ActivationQuant) -> "DynamicActivationTensor":
         """Wrap ``weight``, packing it for this scheme's linear kernel."""
-        weight = with_packing(weight, f"{weight.scheme}_dynamic")
+        weight = with_packing(weight, scheme_for(weight.scheme, cls.mode).name)
         return cls(weight=weight, activation=activation, shape=weight.shape, dtype=weight.dtype)
 
     @property
     def scheme(self) -> str:
-        return f"{self.weight.scheme}_dynamic"
+        return scheme_for(self.weight.scheme, self.mode).name
 
     @property
     def kernel(self) -> str:
@@ -153,6 +129,7 @@ class StaticActivationTensor(DynamicActivationTensor):
 
     tensor_names = ("weight", "act_scale")
     optional_tensor_names = ("act_zero_point", "act_smooth")
+    mode = "static"
 
     @classmethod
     def wrap_static(cls, weight, activation: ActivationQuant, act_scale: torch.Tensor, act_zero_point,
@@ -162,13 +139,9 @@ class StaticActivationTensor(DynamicActivationTensor):
         (SmoothQuant: the weight's columns were multiplied by them)."""
         if activation.granularity != "per_tensor":
             raise ValueError(f"static activations are quantized per tensor; received {activation.granularity!r}")
-        weight = with_packing(weight, f"{weight.scheme}_static")
+        weight = with_packing(weight, scheme_for(weight.scheme, cls.mode).name)
         return cls(weight=weight, act_scale=act_scale, act_zero_point=act_zero_point, act_smooth=act_smooth,
                    activation=activation, shape=weight.shape, dtype=weight.dtype)
-
-    @property
-    def scheme(self) -> str:
-        return f"{self.weight.scheme}_static"
 
     def kernel_inputs(self) -> tuple[dict, dict]:
         tensors, meta = super().kernel_inputs()
@@ -209,3 +182,6 @@ def _static_copy_(func, args, kwargs):
 
 for _func in CONV_FUNCTIONS:  # static activations: per-tensor scales apply to convolutions as well
     StaticActivationTensor.implements_function(_func)(conv_impl(_func))
+
+
+WRAPPERS = {cls.mode: cls for cls in (DynamicActivationTensor, StaticActivationTensor)}  # by activation mode

@@ -9,14 +9,18 @@ blocks along K, the reduction dim.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels.boundary import call_kernel
-from ..kernels.reference import dequantize_weight
 from ..kernels.registry import layout, select_kernel
+from ..primitives.affine import quantize_weight
+from ..primitives.fake_quantize import dequantize_weight
+from ..primitives.packing import pack_bits
+from ..primitives.qtypes import get_qtype
+from ..specs import WeightSpec
 from .base import QuantizedTensor, return_view
 
 aten = torch.ops.aten
@@ -33,6 +37,19 @@ class BlockQuantizedTensor(QuantizedTensor):
     # (a weight applied as ``x @ W``, such as transformers' Conv1D: see :func:`transposed`)
     optional_meta_names = ("groups", "packed_for", "packed_transposed")
     scheme: ClassVar[str] = "block"
+
+    @classmethod
+    def from_spec(cls, w: torch.Tensor, spec: WeightSpec, block_size: Sequence[int], *, kernel: str = "auto",
+                  name: str = "weight", groups: int | None = None) -> "BlockQuantizedTensor":
+        """Quantize ``w`` in blocks of ``block_size`` as ``spec`` says (sub-byte values packed along the last dim);
+        ``groups`` is set for a convolution's weight (its kernels pack by it)."""
+        q, scale, zero_point = quantize_weight(w, block_size, spec.qtype, symmetric=spec.symmetric, name=name)
+        qt = get_qtype(spec.qtype)
+        return cls(
+            qdata=pack_bits(q, qt.bits, dim=-1) if qt.packed else q, scale=scale, zero_point=zero_point, qtype=qt.name,
+            block_size=tuple(block_size), packed_dim=w.dim() - 1 if qt.packed else None, kernel=kernel, groups=groups,
+            shape=w.shape, dtype=w.dtype,
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_weight(self.fields(), self.meta, dtype or self.dtype)
@@ -356,6 +373,17 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sc
     if weight.dim() != 2:
         raise NotImplementedError(f"quantized embedding needs a 2-D weight; received {weight!r}")
     return run_kernel("embedding", weight, input, preference="auto")
+
+
+@BlockQuantizedTensor.implements_function(F.scaled_dot_product_attention)
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Dequantize-first attention (quantized query, key or value from :mod:`lowbit.attention`): each quantized input
+    becomes the float tensor it stands for; PyTorch has no integer attention kernel to call instead."""
+    if isinstance(attn_mask, QuantizedTensor):
+        raise TypeError("attn_mask must be a plain tensor; received a quantized tensor")
+    query, key, value = (t.dequantize() if isinstance(t, QuantizedTensor) else t for t in (query, key, value))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)

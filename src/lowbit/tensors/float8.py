@@ -6,9 +6,10 @@ from typing import Sequence
 
 import torch
 
-from ..primitives.affine import quantize_weight
 from ..primitives.qtypes import float8_qtype
+from ..specs import weight_spec
 from .blockwise import BlockQuantizedTensor
+from .schemes import register_scheme
 
 
 class Float8Tensor(BlockQuantizedTensor):
@@ -23,19 +24,10 @@ class Float8Tensor(BlockQuantizedTensor):
     scheme = "float8"
 
     @classmethod
-    def from_float(
-        cls,
-        w: torch.Tensor,
-        block_size: Sequence[int],
-        *,
-        float8_dtype: torch.dtype = torch.float8_e4m3fn,
-        kernel: str = "auto",
-        name: str = "weight",
-        groups: int | None = None,
-    ):
-        qtype = float8_qtype(float8_dtype).name
-        q, scale, _ = quantize_weight(w, block_size, qtype, symmetric=True, name=name)
-        return cls(
-            qdata=q, scale=scale, qtype=qtype, block_size=tuple(block_size), packed_dim=None,
-            kernel=kernel, groups=groups, shape=w.shape, dtype=w.dtype,
-        )
+    def from_float(cls, w: torch.Tensor, block_size: Sequence[int], *, float8_dtype: torch.dtype = torch.float8_e4m3fn,
+                   kernel: str = "auto", name: str = "weight", groups: int | None = None):
+        spec = weight_spec("float8", float8_qtype(float8_dtype).name)
+        return cls.from_spec(w, spec, block_size, kernel=kernel, name=name, groups=groups)
+
+
+register_scheme(Float8Tensor, ("float8_e4m3fn", "float8_e5m2"), dynamic="float8_dynamic", static="float8_static", conv=True)

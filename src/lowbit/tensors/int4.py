@@ -6,9 +6,9 @@ from typing import Sequence
 
 import torch
 
-from ..primitives.affine import quantize_weight
-from ..primitives.packing import pack_int4
+from ..specs import weight_spec
 from .blockwise import BlockQuantizedTensor
+from .schemes import register_scheme
 
 
 class Int4Tensor(BlockQuantizedTensor):
@@ -23,18 +23,10 @@ class Int4Tensor(BlockQuantizedTensor):
     scheme = "int4"
 
     @classmethod
-    def from_float(
-        cls,
-        w: torch.Tensor,
-        block_size: Sequence[int],
-        *,
-        symmetric: bool = False,
-        kernel: str = "auto",
-        name: str = "weight",
-    ):
-        qtype = "int4" if symmetric else "uint4"
-        q, scale, zero_point = quantize_weight(w, block_size, qtype, symmetric=symmetric, name=name)
-        return cls(
-            qdata=pack_int4(q, dim=-1), scale=scale, zero_point=zero_point, qtype=qtype,
-            block_size=tuple(block_size), packed_dim=w.dim() - 1, kernel=kernel, shape=w.shape, dtype=w.dtype,
-        )
+    def from_float(cls, w: torch.Tensor, block_size: Sequence[int], *, symmetric: bool = False, kernel: str = "auto",
+                   name: str = "weight"):
+        spec = weight_spec("int4", "int4" if symmetric else "uint4", block_size[-1])
+        return cls.from_spec(w, spec, block_size, kernel=kernel, name=name)
+
+
+register_scheme(Int4Tensor, ("int4", "uint4"))

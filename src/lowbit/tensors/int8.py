@@ -6,8 +6,9 @@ from typing import Sequence
 
 import torch
 
-from ..primitives.affine import quantize_weight
+from ..specs import weight_spec
 from .blockwise import BlockQuantizedTensor
+from .schemes import register_scheme
 
 
 class Int8Tensor(BlockQuantizedTensor):
@@ -25,8 +26,7 @@ class Int8Tensor(BlockQuantizedTensor):
     def from_float(cls, w: torch.Tensor, block_size: Sequence[int], *, kernel: str = "auto", name: str = "weight",
                    groups: int | None = None):
         """Quantize ``w``; ``groups`` is set for a convolution's weight (its kernels pack by it)."""
-        q, scale, _ = quantize_weight(w, block_size, "int8", symmetric=True, name=name)
-        return cls(
-            qdata=q, scale=scale, qtype="int8", block_size=tuple(block_size), packed_dim=None,
-            kernel=kernel, groups=groups, shape=w.shape, dtype=w.dtype,
-        )
+        return cls.from_spec(w, weight_spec("int8", "int8"), block_size, kernel=kernel, name=name, groups=groups)
+
+
+register_scheme(Int8Tensor, ("int8",), dynamic="int8_dynamic", static="int8_static", conv=True)
