@@ -7,6 +7,7 @@ Example:
 """
 
 from . import kernels
+from .version import __version__
 from .api import default_filter, quantize_, register_handler
 from .calibration import NotCalibratedError, calibrate, convert, prepare
 from .fuse import fuse
@@ -37,7 +38,6 @@ from .tensors import (
     StaticActivationTensor,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ActivationQuant",

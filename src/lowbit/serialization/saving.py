@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..modules import QuantizedLinear
 from ..specs import spec_to_json
+from ..version import __version__
 from ..tensors import QuantizedTensor
 from .codec import dtype_name, encode, swapped_weight
 from .container import FORMAT, FORMAT_VERSION, HEADER_NAME, WEIGHTS_NAME, crc32, write_checkpoint
@@ -79,7 +80,6 @@ def _refuse_transformers_loading(config_json: Path) -> None:
 
 def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """File tensors by name and the header describing them."""
-    from .. import __version__
 
     entries, files, first, model_dtype = {}, {}, {}, None
     for name, (value, module) in _state(model).items():
