@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .kernels.boundary import call_kernel
-from .kernels.registry import layout, select_kernel
+from .kernels.registry import select_kernel
 from .tensors.from_spec import quantize_weight
 
 
@@ -47,7 +47,7 @@ class QuantizedLinear(nn.Module):
         return cls(linear.in_features, linear.out_features, weight.scheme, tensors, meta, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = select_kernel("linear", self.scheme, x.device.type, self.meta["kernel"], layout(self.meta))
+        kernel = select_kernel("linear", self.scheme, x.device.type, self.meta["kernel"], self.meta)
         tensors = {name: getattr(self, name) for name in self.tensor_names}
         return call_kernel(kernel, x, tensors, self.meta, self.bias)
 

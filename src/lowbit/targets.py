@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .configs import QuantConfig
-from .kernels.registry import layout, select_kernel
+from .kernels.registry import select_kernel
 from .primitives.affine import check_finite
 from .tensors.base import QuantizedTensor
 
@@ -176,7 +176,8 @@ def validate_targets(targets: list[tuple[str, nn.Module]], config: QuantConfig, 
             select_kernel("embedding", config.scheme, weight.device.type, "auto")
         else:
             planned = {"shape": tuple(linear.shape), "block_size": config.block_size_for(linear.shape), "qtype": config.qtype}
-            select_kernel("linear", config.scheme, weight.device.type, config.kernel, layout(planned))
+            activation = getattr(config.spec().activation, "quant", None)  # what the call's kernels are judged on
+            select_kernel("linear", config.scheme, weight.device.type, config.kernel, {**planned, "activation": activation})
 
 
 def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:

@@ -50,7 +50,7 @@ def test_fast_kernel_matches_reference(config, kernel, rows, shape):
     weight = torch.randn(*shape) / shape[1] ** 0.5
     weight[0, :4] = torch.tensor([3e-6, -2e-7, 0.0, 1e-4])  # float8 subnormals after scaling
     q = config.quantize_weight(weight, "w")
-    kernel_fn = select_kernel("linear", q.scheme, "cpu", "auto", lowbit.kernels.registry.layout(q.kernel_inputs()[1]))
+    kernel_fn = select_kernel("linear", q.scheme, "cpu", "auto", q.kernel_inputs()[1])
     assert kernel_fn.name == kernel
     x = torch.randn(rows, shape[1])
     bias = torch.randn(shape[0])
@@ -156,14 +156,17 @@ def test_native_ops_compile_and_export():
     assert_compiles_and_exports(model, torch.randn(2, 64), "lowbit.float8_gemv")
 
 
+PER_ROW_FLOAT8 = {"shape": (8, 64), "block_size": (1, 64), "qtype": "float8_e4m3fn"}
+
+
 def test_unavailable_native_library_is_reported(monkeypatch):
     monkeypatch.setitem(native._state, "lib", None)
     monkeypatch.setitem(native._state, "reason", "needs CPU features ['avx512f']")
     lowbit.kernels.registry._CHOSEN.clear()
     try:
         with pytest.raises(RuntimeError, match="cannot run here: needs CPU features"):
-            select_kernel("linear", "float8", "cpu", "avx512", "per_row/float8_e4m3fn")
-        assert select_kernel("linear", "float8", "cpu", "auto", "per_row/float8_e4m3fn").name == "reference"
+            select_kernel("linear", "float8", "cpu", "avx512", PER_ROW_FLOAT8)
+        assert select_kernel("linear", "float8", "cpu", "auto", PER_ROW_FLOAT8).name == "reference"
     finally:
         lowbit.kernels.registry._CHOSEN.clear()
 

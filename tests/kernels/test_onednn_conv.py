@@ -26,6 +26,11 @@ CONVS = [
 PICK = lambda m, fqn: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear))  # noqa: E731
 
 
+def _per_channel(qtype):
+    """Kernel meta of a per-channel Conv2d(4, 8, 3) weight."""
+    return {"shape": (8, 4, 3, 3), "block_size": (1, 4, 3, 3), "qtype": qtype}
+
+
 def _static(model, shape, config, batches=4):
     lowbit.prepare(model, config, filter_fn=PICK)
     lowbit.calibrate(model, [torch.randn(shape) for _ in range(batches)], progress=False)
@@ -69,7 +74,7 @@ def test_float8_conv_matches_reference_kernel(make, shape):
 
 @needs_bf16
 def test_float8_conv_is_picked_compiles_and_exports():
-    assert select_kernel("conv", "float8_static", "cpu", "auto", "per_channel/float8_e4m3fn").name == "onednn"
+    assert select_kernel("conv", "float8_static", "cpu", "auto", _per_channel("float8_e4m3fn")).name == "onednn"
     torch.manual_seed(0)
     model = _static(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), (2, 3, 8, 8), lowbit.StaticFloat8())
     assert_compiles_and_exports(model, torch.randn(2, 3, 8, 8), "float8_static_conv")
@@ -96,7 +101,7 @@ def test_static_conv_takes_unbatched_input(config, make, shape):
 
 
 def test_auto_picks_onednn_for_conv_and_reference_for_transposed():
-    assert select_kernel("conv", "int8_static", "cpu", "auto", "per_channel/int8").name == "onednn"
+    assert select_kernel("conv", "int8_static", "cpu", "auto", _per_channel("int8")).name == "onednn"
     model = _static(nn.Sequential(nn.ConvTranspose2d(4, 4, 1, groups=4)).eval(), (2, 4, 5, 5), lowbit.StaticInt8())
     ref = model[0].weight.dequantize()
     x = torch.randn(2, 4, 5, 5)

@@ -11,6 +11,7 @@ import lowbit
 from conftest import assert_compiles_and_exports, assert_survives_copies
 from lowbit.kernels import onednn_linear
 from lowbit.kernels.registry import select_kernel
+from lowbit.tensors.from_spec import quantize_weight
 
 pytestmark = pytest.mark.skipif(onednn_linear._requires("cpu") is not None,
                                 reason=f"onednn linear kernel: {onednn_linear._requires('cpu')}")
@@ -22,6 +23,10 @@ CONFIGS = [
 ]
 
 
+def _quantize(config, weight):
+    return quantize_weight(weight, config.spec(), kernel=config.kernel)
+
+
 @pytest.fixture
 def pack_small(monkeypatch):
     """Pack the small test weights too (real models pack only weights of 2^20 elements or more)."""
@@ -31,7 +36,7 @@ def pack_small(monkeypatch):
 @pytest.mark.parametrize("make", CONFIGS, ids=lambda make: make("onednn").label())
 def test_onednn_linear_equals_the_avx512_kernel(make, pack_small):
     weight, bias = torch.randn(96, 160) / 160**0.5, torch.randn(96)
-    fast, lean = make("onednn").quantize_weight(weight, "w"), make("auto").quantize_weight(weight, "w")
+    fast, lean = _quantize(make("onednn"), weight), _quantize(make("auto"), weight)
     inner = getattr(fast, "weight", fast)
     assert inner.packed.layout == torch._mkldnn and inner.packed_for is not None
     for rows in (1, 2, 3, 9, 40):  # lowbit's one-call kernel for few rows, oneDNN's GEMM above
@@ -42,12 +47,13 @@ def test_onednn_linear_equals_the_avx512_kernel(make, pack_small):
 
 
 def test_auto_keeps_the_lean_kernel_and_small_weights_stay_unpacked():
-    assert select_kernel("linear", "int8_dynamic", "cpu", "auto", "per_row/int8").name == "avx512"
-    assert select_kernel("linear", "int8_dynamic", "cpu", "onednn", "per_row/int8").name == "onednn"
-    small = lowbit.Int8WeightOnly(kernel="onednn").quantize_weight(torch.randn(32, 64), "w")
+    per_row = {"shape": (32, 64), "block_size": (1, 64), "qtype": "int8"}
+    assert select_kernel("linear", "int8_dynamic", "cpu", "auto", per_row).name == "avx512"
+    assert select_kernel("linear", "int8_dynamic", "cpu", "onednn", per_row).name == "onednn"
+    small = _quantize(lowbit.Int8WeightOnly(kernel="onednn"), torch.randn(32, 64))
     assert small.packed is None and small.packed_aux is not None  # no second copy below PACK_MIN_WEIGHTS
     x = torch.randn(7, 64)
-    torch.testing.assert_close(F.linear(x, small), F.linear(x, lowbit.Int8WeightOnly().quantize_weight(small.dequantize(), "w")),
+    torch.testing.assert_close(F.linear(x, small), F.linear(x, _quantize(lowbit.Int8WeightOnly(), small.dequantize())),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -183,7 +183,7 @@ def test_reference_int4_linear_unpacks_asymmetric():
     block = (1, 8)
     q, scale, zp = quantize_weight(w, block, "uint4", symmetric=False)
     tensors = {"qdata": pack_int4(q, dim=1), "scale": scale, "zero_point": zp}
-    meta = {"qtype": "uint4", "block_size": block, "packed_dim": 1}
+    meta = {"qtype": "uint4", "block_size": block, "packed_dim": 1, "shape": (4, 16)}
     y = select_kernel("linear", "int4", "cpu", "reference").fn(x, tensors, meta, None)
     torch.testing.assert_close(y, F.linear(x, dequantize(q, scale, zp, block)))
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.kernels import onednn_linear
-from lowbit.kernels.registry import kernel_names, layout, select_kernel
+from lowbit.kernels.registry import kernel_names, select_kernel
 from linear_cases import FAST_CASES, assert_within, case_id, error_bound, quantized, reference_of
 
 KS = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 65, 127, 129]
@@ -49,4 +49,4 @@ def test_one_row_and_one_group_weights_take_the_fast_kernels(config, shape):
     q = quantized(config, torch.randn(shape))
     tensors, meta = q.kernel_inputs()
     for name in kernel_names("linear", q.scheme):
-        assert select_kernel("linear", q.scheme, "cpu", name, layout(meta)).name == name
+        assert select_kernel("linear", q.scheme, "cpu", name, meta).name == name

@@ -18,11 +18,11 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ..primitives.affine import choose_qparams
 from . import native
-from .cpu import colsum, finish, int8_dynamic_int_mm, int_mm, weight_colsum
-from .reference import fake_quantize_activation, mark_nan_rows
+from .cpu import colsum, finish, int_mm, weight_colsum
 from .ops import custom_op
-from .registry import register_kernel
+from .registry import Call, register_kernel
 
 # Rows up to which a memory-bound GEMV beats a GEMM on this machine kind (BENCHMARKS.md).
 GEMV_ROWS_INT8 = 8
@@ -233,14 +233,27 @@ def int8_weight_avx512(x, tensors, meta, bias):
     return finish(out, x, None, None)
 
 
+def per_token_activations(call: Call) -> str | None:
+    """``accepts`` of kernels that quantize activations per token in their fused pass."""
+    act = call.activation
+    if act is not None and act.granularity != "per_token":
+        return f"it quantizes activations per token; received {act.granularity} activations"
+    return None
+
+
+def e4m3fn_activations(call: Call) -> str | None:
+    """``accepts`` of kernels that round activations to float8_e4m3fn in their fused pass."""
+    act = call.activation
+    if act is not None and act.qtype != "float8_e4m3fn":
+        return f"it rounds activations to float8_e4m3fn; received {act.qtype} activations"
+    return None
+
+
 @register_kernel("linear", "int8_dynamic", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
-                 requires=native.unavailable, pack=weight_colsum)
+                 requires=native.unavailable, pack=weight_colsum, accepts=per_token_activations)
 def int8_dynamic_avx512(x, tensors, meta, bias):
-    """Dynamic per-token int8 with fused quantization and epilogue (per-tensor activations: ``int_mm``)."""
-    act = meta["activation"]
-    if act.granularity != "per_token":
-        return int8_dynamic_int_mm(x, tensors, meta, bias)
-    out = int8_activation_linear(*_int8_args(x, tensors, bias), act.symmetric)
+    """Dynamic per-token int8 with fused quantization and epilogue."""
+    out = int8_activation_linear(*_int8_args(x, tensors, bias), meta["activation"].symmetric)
     return finish(out, x, None, None)
 
 
@@ -286,17 +299,14 @@ def float8_weight_avx512(x, tensors, meta, bias):
     return finish(_float8_linear(x.reshape(-1, x.shape[-1]), tensors, bias), x)
 
 
-@register_kernel("linear", "float8_dynamic", "avx512", devices=("cpu",), priority=20,
-                 granularities=("per_row", "per_tensor"), qtypes=("float8_e4m3fn",), requires=native.unavailable)
+@register_kernel("linear", "float8_dynamic", "avx512", devices=("cpu",), priority=20, granularities=("per_row", "per_tensor"),
+                 qtypes=("float8_e4m3fn",), requires=native.unavailable, accepts=e4m3fn_activations)
 def float8_dynamic_avx512(x, tensors, meta, bias):
-    """Activations quantized to float8 per token in one fused pass (per tensor: as the reference
-    path does), then the float8 weight kernel with the activation scale applied per row."""
-    if meta["activation"].granularity != "per_token" or meta["activation"].qtype != "float8_e4m3fn":
-        xq = fake_quantize_activation(x, meta["activation"])
-        out = mark_nan_rows(finish(_float8_linear(xq.reshape(-1, x.shape[-1]), tensors, bias), x), x)
-    else:
-        out = _float8_rounded_linear(x, tensors, bias)
-    return out
+    """Activations rounded to e4m3 in one fused pass, per token or with the per-tensor scale the reference
+    picks, then the float8 weight kernel with the activation scale applied per row."""
+    act = meta["activation"]
+    scale = None if act.granularity == "per_token" else choose_qparams(x, tuple(x.shape), act.qtype, ignore_nonfinite=True)[0]
+    return _float8_rounded_linear(x, tensors, bias, scale)
 
 
 @register_kernel("linear", "int8_static", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
@@ -310,12 +320,10 @@ def int8_static_avx512(x, tensors, meta, bias):
     return finish(out, x, None, None)
 
 
-@register_kernel("linear", "float8_static", "avx512", devices=("cpu",), priority=20,
-                 granularities=("per_row", "per_tensor"), qtypes=("float8_e4m3fn",), requires=native.unavailable)
+@register_kernel("linear", "float8_static", "avx512", devices=("cpu",), priority=20, granularities=("per_row", "per_tensor"),
+                 qtypes=("float8_e4m3fn",), requires=native.unavailable, accepts=e4m3fn_activations)
 def float8_static_avx512(x, tensors, meta, bias):
     """Static float8: activations rounded to e4m3 with the calibrated scale, then the float8 weight kernel."""
-    if meta["activation"].qtype != "float8_e4m3fn":
-        raise NotImplementedError(f"the avx512 float8 kernel takes e4m3fn activations; received {meta['activation'].qtype}")
     smooth = tensors.get("act_smooth")
     xs = x if smooth is None else x / smooth.to(x.dtype)
     out = _float8_rounded_linear(xs, tensors, bias, tensors["act_scale"])

@@ -10,21 +10,24 @@ rounded to the float8 grid straight into bf16 in one pass, the weight codes wide
 and one pass after the convolution applies both scales and the bias (products are exact; the
 convolution's bf16 result carries 8 significant bits, far below float8's own rounding).
 
-Results are channels-last; the next conv reads them without a copy. Transposed convolutions keep
-the reference kernel, as do Conv1d for float8 (channels are not the innermost dimension there).
+Results are channels-last; the next conv reads them without a copy. Neither kernel takes transposed
+convolutions or padding given as a string, nor the float8 one Conv1d (channels are not the innermost
+dimension there): the registry gives such calls the reference kernel under ``"auto"`` and raises where
+``kernel="onednn"`` names these kernels.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import native
-from .avx512 import _vector
+from .avx512 import _vector, e4m3fn_activations
 from .cpu import needs_vnni
-from .reference import _static_conv
 from .ops import custom_op
-from .registry import register_kernel
+from .registry import Call, register_kernel
 
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 _PARALLEL_MIN = 1 << 16  # elements below which input quantization runs on one thread
@@ -97,24 +100,34 @@ def _unbatched(x, meta) -> bool:
     return x.dim() == len(meta["shape"]) - 1
 
 
-def _fast_conv_args(x, meta, bias, convs=_CONVS):
-    """(stride, padding, dilation, groups) when the fast kernel takes this call, else None: transposed
-    convs and string padding take the reference path."""
-    func, args, kwargs = meta["conv"]
-    stride, padding, dilation, groups = _conv_args(x.dim() - 2, args, kwargs)
-    return None if func not in convs or isinstance(padding, str) else (stride, padding, dilation, groups)
+def _takes_convs(convs) -> Callable[[Call], str | None]:
+    """``accepts`` of a kernel that runs ``convs`` with numeric padding."""
+    names = [f.__name__ for f in convs]
+
+    def accepts(call: Call) -> str | None:
+        if call.conv is not None and call.conv not in convs:
+            return f"it runs {names}; received {call.conv.__name__}"
+        if call.string_padding:
+            return "it takes padding as numbers; received a string ('same' / 'valid')"
+        return None
+
+    return accepts
+
+
+_float8_convs = _takes_convs(_CONVS[1:])
+
+
+def _float8_accepts(call: Call) -> str | None:
+    return _float8_convs(call) or e4m3fn_activations(call)
 
 
 @register_kernel("conv", "int8_static", "onednn", devices=("cpu",), priority=20, granularities=("per_channel",),
-                 qtypes=("int8",), requires=_requires, pack=_pack)
+                 qtypes=("int8",), requires=_requires, pack=_pack, accepts=_takes_convs(_CONVS))
 def int8_static_conv_onednn(x, tensors, meta, bias):
     """Static int8 Conv1d/2d/3d: fused input quantization, prepacked u8s8 oneDNN convolution."""
     if _unbatched(x, meta):
         return int8_static_conv_onednn(x.unsqueeze(0), tensors, meta, bias).squeeze(0)
-    conv_args = _fast_conv_args(x, meta, bias)
-    if conv_args is None:
-        return _static_conv(x, tensors, meta, bias)
-    stride, padding, dilation, groups = conv_args
+    stride, padding, dilation, groups = _conv_args(x.dim() - 2, *meta["conv"][1:])
     if groups != meta["groups"]:
         raise ValueError(f"this conv weight was packed for groups={meta['groups']}; received groups={groups}")
     return int8_static_conv(
@@ -154,16 +167,13 @@ def _(x, codes, w_scale, bias, act_scale, stride, padding, dilation, groups):
 
 
 @register_kernel("conv", "float8_static", "onednn", devices=("cpu",), priority=20, granularities=("per_channel",),
-                 qtypes=("float8_e4m3fn",), requires=_requires_bf16)
+                 qtypes=("float8_e4m3fn",), requires=_requires_bf16, accepts=_float8_accepts)
 def float8_static_conv_onednn(x, tensors, meta, bias):
     """Static float8 Conv2d/3d: input rounded to e4m3 in bf16, oneDNN bf16 convolution, one epilogue pass."""
     if _unbatched(x, meta):
         return float8_static_conv_onednn(x.unsqueeze(0), tensors, meta, bias).squeeze(0)
-    conv_args = _fast_conv_args(x, meta, bias, convs=_CONVS[1:])
-    if conv_args is None or meta["activation"].qtype != "float8_e4m3fn":
-        return _static_conv(x, tensors, meta, bias)
     out = float8_static_conv(x.detach(), tensors["qdata"].view(torch.uint8).contiguous(), tensors["scale"], _vector(bias),
-                             tensors["act_scale"], *conv_args)
+                             tensors["act_scale"], *_conv_args(x.dim() - 2, *meta["conv"][1:]))
     return out.to(x.dtype)
 
 

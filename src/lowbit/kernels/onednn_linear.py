@@ -23,7 +23,7 @@ import functools
 import torch
 
 from . import native
-from .avx512 import GEMV_ROWS_INT8, _epilogue, _int8_args, int8_activation_linear, int8_dynamic_avx512, int8_weight_linear
+from .avx512 import GEMV_ROWS_INT8, _epilogue, _int8_args, int8_activation_linear, int8_weight_linear, per_token_activations
 from .cpu import finish, needs_vnni, weight_colsum
 from .ops import custom_op
 from .registry import register_kernel
@@ -111,13 +111,10 @@ def int8_weight_onednn(x, tensors, meta, bias):
     return _linear(x, tensors, bias, 0)
 
 
-@register_kernel("linear", "int8_dynamic", "onednn", **_REGISTER)
+@register_kernel("linear", "int8_dynamic", "onednn", **_REGISTER, accepts=per_token_activations)
 def int8_dynamic_onednn(x, tensors, meta, bias):
-    """Dynamic per-token int8, prepacked oneDNN GEMM (per-tensor activations: the ``avx512`` kernel)."""
-    act = meta["activation"]
-    if act.granularity != "per_token":
-        return int8_dynamic_avx512(x, tensors, meta, bias)
-    return _linear(x, tensors, bias, 1 if act.symmetric else 2)
+    """Dynamic per-token int8, prepacked oneDNN GEMM."""
+    return _linear(x, tensors, bias, 1 if meta["activation"].symmetric else 2)
 
 
 @register_kernel("linear", "int8_static", "onednn", **_REGISTER)

@@ -1,20 +1,58 @@
-"""Explicit kernel choice: (op, scheme) -> kernels, each with the devices it runs on and a capability check.
+"""Explicit kernel choice: (op, scheme) -> kernels, each with the devices it runs on and capability checks.
 
 A kernel receives plain tensors only: ``fn(x, tensors, meta, bias)`` where ``tensors`` maps the
 quantized weight's inner tensor names to tensors and ``meta`` holds its metadata (block_size,
-qtype, ...). Tensor subclasses and swapped modules call the same kernel, so they agree exactly.
+qtype, ...) plus the call's (``activation``, a convolution's ``conv``). Tensor subclasses and
+swapped modules call the same kernel, so they agree exactly.
 
-Preferences: ``"auto"`` picks the highest-priority kernel that can run here, ``"reference"``
-dequantizes and uses float ops, and any other name must exist and be runnable here, or the call
-raises: a model's numerics never change silently with the machine it runs on.
+A kernel is chosen per call from three checks: the device (``devices``, ``requires``), the weight's
+layout (``granularities``, ``qtypes``) and the call (``accepts``, on the :class:`Call`: how activations
+are quantized, which convolution). A kernel never substitutes another inside itself: one that cannot
+take a call is not chosen for it.
+
+Preferences name a kernel per op: ``"auto"`` picks the highest-priority kernel that can take the
+call, ``"reference"`` dequantizes and uses float ops, and any other name must be able to take the
+call or it raises: a model's numerics never change silently with the machine it runs on. A name
+that another op of the scheme has but this op does not (``"avx512"`` for a convolution, ``"onednn"``
+for a float8 linear) means ``"auto"`` for this op; a name no op of the scheme has raises.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 KernelFn = Callable[..., object]
+
+
+class Call(NamedTuple):
+    """What an ``accepts`` check may read about a call; selections are cached by it, so checks read nothing else.
+
+    Attributes:
+        activation: how the call quantizes activations (an ``ActivationQuant``: qtype, granularity,
+            symmetric) for dynamic and static schemes; None for weight-only ones and when packing.
+        conv: the convolution function (``F.conv2d``, ``F.conv_transpose2d``, ...) of a conv call;
+            None for other ops and when packing.
+        string_padding: the convolution's padding is ``"same"`` / ``"valid"`` rather than numbers.
+    """
+
+    activation: Any = None
+    conv: Callable | None = None
+    string_padding: bool = False
+
+
+NO_CALL = Call()
+
+
+def call_of(meta) -> Call:
+    """The :class:`Call` of a kernel meta dict (weight meta plus the call's ``activation`` / ``conv``)."""
+    conv = meta.get("conv")
+    if conv is None:
+        activation = meta.get("activation")
+        return NO_CALL if activation is None else Call(activation)
+    func, args, kwargs = conv  # F.conv*(x, w, b, stride, padding, ...): padding is args[1]
+    padding = kwargs["padding"] if "padding" in kwargs else args[1] if len(args) > 1 else 0
+    return Call(meta.get("activation"), func, isinstance(padding, str))
 
 
 @dataclass(frozen=True)
@@ -22,7 +60,7 @@ class Kernel:
     """One implementation of ``op`` for weights of ``scheme``.
 
     Attributes:
-        op: operation name (``"linear"``, ``"embedding"``, ``"bmm"``).
+        op: operation name (``"linear"``, ``"embedding"``, ``"bmm"``, ``"conv"``).
         scheme: weight scheme (``"int8"``, ``"int4"``, ``"float8"``, ``"int8_dynamic"``, ...).
         name: name users give as ``kernel=`` in a config.
         fn: the implementation, ``fn(x, tensors, meta, bias)``.
@@ -33,6 +71,8 @@ class Kernel:
         qtypes: weight qtype names it handles; None: any.
         pack: ``pack(tensors, meta) -> dict`` run once at quantize/load time; its tensors reach
             ``fn`` as ``tensors["packed"]`` / ``tensors["packed_aux"]``.
+        accepts: returns None when it takes a :class:`Call`, else what it takes and what the call has;
+            a property the call leaves None (packing, other ops) is not judged.
     """
 
     op: str
@@ -45,6 +85,7 @@ class Kernel:
     granularities: frozenset[str] | None = None
     pack: Callable[[dict, dict], dict] | None = None
     qtypes: frozenset[str] | None = None
+    accepts: Callable[[Call], str | None] | None = None
 
     def missing(self, device_type: str, weight_layout: str = "any/any") -> str | None:
         """Why this kernel cannot run on ``device_type`` for weights of ``weight_layout``, or None."""
@@ -56,6 +97,10 @@ class Kernel:
         if self.qtypes is not None and qtype not in self.qtypes:
             return f"handles {sorted(self.qtypes)} weights, not {qtype}"
         return self.requires(device_type) if self.requires else None
+
+    def declines(self, call: Call) -> str | None:
+        """Why this kernel cannot take ``call``, or None."""
+        return None if self.accepts is None else self.accepts(call)
 
 
 def layout(meta) -> str:
@@ -75,7 +120,7 @@ def layout(meta) -> str:
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
-_CHOSEN: dict[tuple[str, str, str, str, str], Kernel] = {}
+_CHOSEN: dict[tuple, Kernel] = {}
 
 
 def register_kernel(
@@ -89,6 +134,7 @@ def register_kernel(
     granularities: tuple[str, ...] | None = None,
     pack: Callable[[dict, dict], dict] | None = None,
     qtypes: tuple[str, ...] | None = None,
+    accepts: Callable[[Call], str | None] | None = None,
 ) -> Callable[[KernelFn], KernelFn]:
     """Decorator registering ``fn(x, tensors, meta, bias)`` as kernel ``name`` for (op, scheme).
 
@@ -104,7 +150,7 @@ def register_kernel(
             raise ValueError(f"kernel {name!r} is already registered for ({op!r}, {scheme!r})")
         grans = None if granularities is None else frozenset(granularities)
         types = None if qtypes is None else frozenset(qtypes)
-        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack, types))
+        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack, types, accepts))
         kernels.sort(key=lambda k: -k.priority)
         _CHOSEN.clear()
         return fn
@@ -117,37 +163,54 @@ def kernel_names(op: str, scheme: str) -> list[str]:
     return [k.name for k in _KERNELS.get((op, scheme), [])]
 
 
-def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto", weight_layout: str = "any/any") -> Kernel:
-    """Resolve a kernel preference for a device type and weight layout, raising rather than substituting.
+def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto", meta=None) -> Kernel:
+    """The kernel ``preference`` names for this call, raising rather than substituting.
+
+    ``meta`` is the dict the kernel receives (the weight's ``shape``, ``block_size`` and ``qtype``, plus
+    the call's ``activation`` / ``conv``); without it only the device is judged. Runs on every call:
+    the choice is cached by the weight's shape, block and qtype and the :class:`Call`.
 
     Example:
         >>> select_kernel("linear", "int8", "cpu", "reference").name
         'reference'
     """
-    key = (op, scheme, device_type, preference, weight_layout)
+    if meta is None:
+        key = (op, scheme, device_type, preference, None, None, None, NO_CALL)
+    else:
+        key = (op, scheme, device_type, preference, tuple(meta["shape"]), tuple(meta["block_size"]), meta["qtype"],
+               call_of(meta))
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _resolve(*key)
-        _CHOSEN[key] = chosen
+        chosen = _CHOSEN[key] = _resolve(op, scheme, device_type, preference, "any/any" if meta is None else layout(meta),
+                                         key[-1])
     return chosen
 
 
-def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_layout: str) -> Kernel:
+def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_layout: str, call: Call) -> Kernel:
     kernels = _KERNELS.get((op, scheme))
     if not kernels:
         raise NotImplementedError(f"lowbit has no {op!r} kernel for {scheme!r} weights")
-    if preference == "auto":
-        for kernel in kernels:
-            if kernel.missing(device_type, weight_layout) is None:
-                return kernel
-        raise RuntimeError(f"no {op!r} kernel for {scheme!r} {weight_layout} weights can run on {device_type}")
-    for kernel in kernels:
-        if kernel.name == preference:
-            reason = kernel.missing(device_type, weight_layout)
-            if reason is not None:
-                raise RuntimeError(f"kernel {preference!r} for {op} on {scheme!r} weights cannot run here: {reason}")
+    named = next((k for k in kernels if k.name == preference), None)
+    if named is not None:
+        what = f"kernel {preference!r} for {op} on {scheme!r} weights"
+        reason = named.missing(device_type, weight_layout)
+        if reason is not None:
+            raise RuntimeError(f"{what} cannot run here: {reason}")
+        reason = named.declines(call)
+        if reason is not None:
+            raise RuntimeError(f"{what} cannot take this call: {reason}")
+        return named
+    if preference != "auto" and not _named_for_scheme(preference, scheme):
+        raise ValueError(
+            f"unknown kernel {preference!r} for {op} on {scheme!r} weights; expected 'auto' or one of "
+            f"{kernel_names(op, scheme)}"
+        )
+    for kernel in kernels:  # "auto", or a name of another op's kernel
+        if kernel.missing(device_type, weight_layout) is None and kernel.declines(call) is None:
             return kernel
-    raise ValueError(
-        f"unknown kernel {preference!r} for {op} on {scheme!r} weights; expected 'auto' or one of "
-        f"{kernel_names(op, scheme)}"
-    )
+    raise RuntimeError(f"no {op!r} kernel for {scheme!r} {weight_layout} weights can take this call on {device_type}")
+
+
+def _named_for_scheme(name: str, scheme: str) -> bool:
+    """Whether some op of ``scheme`` has a kernel called ``name``."""
+    return any(s == scheme and any(k.name == name for k in kernels) for (_, s), kernels in _KERNELS.items())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.boundary import call_kernel
-from ..kernels.registry import layout, select_kernel
+from ..kernels.registry import select_kernel
 from ..primitives.affine import quantize_weight
 from ..primitives.fake_quantize import dequantize_weight
 from ..primitives.packing import pack_bits
@@ -89,16 +89,9 @@ def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, pre
     """Call the kernel chosen for ``weight`` on ``x``'s device through the registry; ``call_meta``
     (e.g. a convolution's arguments) is added to the metadata the kernel receives."""
     tensors, meta = weight.kernel_inputs()
-    kernel = select_kernel(op, weight.scheme, x.device.type, preference or _preference(op, weight), layout(meta))
-    return call_kernel(kernel, x, tensors, {**meta, **call_meta} if call_meta else meta, bias)
-
-
-def _preference(op: str, weight: QuantizedTensor) -> str:
-    """The weight's kernel preference for ``op``: kernel names are linear kernels' names, so
-    convolutions follow only ``"reference"`` and otherwise pick their fastest kernel."""
-    if op == "conv" and weight.kernel != "reference":
-        return "auto"
-    return weight.kernel
+    meta = {**meta, **call_meta} if call_meta else meta
+    kernel = select_kernel(op, weight.scheme, x.device.type, preference or weight.kernel, meta)
+    return call_kernel(kernel, x, tensors, meta, bias)
 
 
 def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> BlockQuantizedTensor:
@@ -112,7 +105,7 @@ def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> Blo
         linear = transposed(canonical, 0, 1).map_tensors(torch.Tensor.contiguous)
         return transposed(with_packing(linear, scheme), 0, 1)
     op = "linear" if weight.groups is None else "conv"
-    kernel = select_kernel(op, scheme, weight.device.type, _preference(op, weight), layout(weight.meta))
+    kernel = select_kernel(op, scheme, weight.device.type, weight.kernel, weight.meta)
     if kernel.pack is None:
         return canonical
     return canonical.rebuild(**kernel.pack(canonical.fields(), canonical.meta), packed_for=scheme)
