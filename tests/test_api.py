@@ -36,7 +36,7 @@ def _int8_error_bound(config, x, weight):
     w_step = (weight.abs().unflatten(1, (-1, group)).amax(-1, keepdim=True) / 127).expand(-1, -1, group).flatten(1)
     bound = x.abs() @ (w_step / 2).T
     if isinstance(config, lowbit.Int8DynamicActivation):
-        if config.act_symmetric:
+        if config.spec().activation.symmetric:
             x_step = x.abs().amax(-1, keepdim=True) / 127
         else:
             x_step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255

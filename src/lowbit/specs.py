@@ -42,6 +42,8 @@ class ActivationQuant:
 
     def __post_init__(self):
         qt = get_qtype(self.qtype)
+        if qt.bits != 8:
+            raise ValueError(f"activation qtype must be one of the 8-bit qtypes (int8, uint8, float8_*); received {self.qtype!r}")
         if self.granularity not in ACTIVATION_GRANULARITIES:
             raise ValueError(f"activation granularity must be one of {ACTIVATION_GRANULARITIES}; received {self.granularity!r}")
         if qt.is_float and not self.symmetric:

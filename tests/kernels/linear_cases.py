@@ -27,7 +27,7 @@ from lowbit.kernels.reference import fake_quantize_activation, fake_quantize_sta
 from lowbit.kernels.registry import kernel_names
 from lowbit.primitives import choose_qparams
 from lowbit.primitives.packing import unpack_int4
-from lowbit.tensors.activation import ActivationQuant, StaticActivationTensor
+from lowbit.tensors.from_spec import quantize_block, quantize_weight, with_static_activation
 
 U = 2.0**-24
 
@@ -64,12 +64,13 @@ def quantized(config, weight: torch.Tensor) -> torch.Tensor:
     """``weight`` quantized as ``config`` says, a static config's with the activation range STATIC_RANGE;
     skips the test where the config's kernel cannot run on this machine."""
     try:
-        inner = config.quantize_weight(weight, "w")
+        spec = config.spec()
         if not isinstance(config, lowbit.configs.STATIC_CONFIGS):
-            return inner
-        scale, zero = choose_qparams(torch.tensor(STATIC_RANGE), (2,), config.act_qtype, symmetric=config.act_symmetric)
-        act = ActivationQuant(config.act_qtype, "per_tensor", config.act_symmetric)
-        return StaticActivationTensor.wrap_static(inner, act, scale.reshape(()), None if zero is None else zero.reshape(()))
+            return quantize_weight(weight, spec, kernel=config.kernel)
+        act = spec.activation
+        scale, zero = choose_qparams(torch.tensor(STATIC_RANGE), (2,), act.qtype, symmetric=act.symmetric)
+        inner = quantize_block(weight, spec.weight, kernel=config.kernel)
+        return with_static_activation(inner, act, scale.reshape(()), None if zero is None else zero.reshape(()))
     except RuntimeError as error:
         if "cannot run here" in str(error):
             pytest.skip(str(error))

@@ -49,7 +49,7 @@ CASE_SHAPES = [(*case, shape) for case in CASES for shape in SHAPES if shape[1] 
 def test_fast_kernel_matches_reference(config, kernel, rows, shape):
     weight = torch.randn(*shape) / shape[1] ** 0.5
     weight[0, :4] = torch.tensor([3e-6, -2e-7, 0.0, 1e-4])  # float8 subnormals after scaling
-    q = config.quantize_weight(weight, "w")
+    q = quantized(config, weight)
     kernel_fn = select_kernel("linear", q.scheme, "cpu", "auto", q.kernel_inputs()[1])
     assert kernel_fn.name == kernel
     x = torch.randn(rows, shape[1])
@@ -85,7 +85,7 @@ def test_int4_gemv_every_group_size_matches_reference(group_size, symmetric):
     config = lowbit.Int4WeightOnly(group_size=group_size, symmetric=symmetric)
     weight = torch.randn(37, 768)  # 37 rows: not a multiple of any tile
     weight[3] = 0.0  # an all-zero row: its groups have the smallest scale
-    q = config.quantize_weight(weight, "w")
+    q = quantized(config, weight)
     bias = torch.randn(37)
     for rows in (1, 2, 5, avx512.GEMV_ROWS_INT4, avx512.GEMV_ROWS_INT4 + 1):
         x = torch.randn(rows, 768) * torch.linspace(0.01, 10, 768)
@@ -119,7 +119,7 @@ def test_int4_bf16_decode_is_bit_exact(group_size, symmetric):
     """The table decode equals (q - zero) * scale rounded to bf16, for every group size, signed and unsigned
     codes, and a K that ends half-way through a 64-code step (K = 96 * 7 when the group allows it)."""
     k = 96 * 7 if 672 % group_size == 0 else 768
-    q = lowbit.Int4WeightOnly(group_size=group_size, symmetric=symmetric).quantize_weight(torch.randn(5, k), "w")
+    q = quantized(lowbit.Int4WeightOnly(group_size=group_size, symmetric=symmetric), torch.randn(5, k))
     packed, scale = q.qdata.contiguous(), q.scale.float().contiguous()
     zero = None if symmetric else q.zero_point.contiguous()
     codes = unpack_int4(packed, signed=symmetric).float()
@@ -138,7 +138,7 @@ def test_int8_amx_tiles_equal_the_vnni_gemv(monkeypatch, config):
     """37 weight rows: two 16-row AMX tiles and five rows left to the VNNI loop; K a multiple of 64."""
     if not native.amx_ready():
         pytest.skip("no AMX tiles here")
-    q = config.quantize_weight(torch.randn(37, 256), "w")
+    q = quantized(config, torch.randn(37, 256))
     bias = torch.randn(37)
     for rows in range(1, avx512.GEMV_ROWS_INT8 + 1):
         x = torch.randn(rows, 256) * torch.linspace(0.1, 4, 256)

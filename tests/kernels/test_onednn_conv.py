@@ -2,6 +2,7 @@
 float8 (exact products in bf16, within bf16 output rounding of the reference)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 import lowbit
 from conftest import assert_compiles_and_exports, assert_survives_copies
 from lowbit.kernels.onednn_conv import _requires, _requires_bf16
+from kernel_spy import kernels_run  # noqa: F401 (fixture)
 from lowbit.kernels.registry import select_kernel
 
 pytestmark = pytest.mark.skipif(_requires("cpu") is not None, reason=f"onednn conv kernel: {_requires('cpu')}")
@@ -100,13 +102,60 @@ def test_static_conv_takes_unbatched_input(config, make, shape):
         assert torch.equal(out, model(x.unsqueeze(0))[0])
 
 
-def test_auto_picks_onednn_for_conv_and_reference_for_transposed():
-    assert select_kernel("conv", "int8_static", "cpu", "auto", _per_channel("int8")).name == "onednn"
-    model = _static(nn.Sequential(nn.ConvTranspose2d(4, 4, 1, groups=4)).eval(), (2, 4, 5, 5), lowbit.StaticInt8())
-    ref = model[0].weight.dequantize()
-    x = torch.randn(2, 4, 5, 5)
-    expected = nn.functional.conv_transpose2d(x, ref, model[0].bias, groups=4)
-    assert (model(x) - expected).abs().max() < 0.05 * expected.abs().max()
+def _static_pair(make, shape, config):
+    """The model made with ``config`` and with ``kernel="reference"``, from the same calibration data."""
+    models = []
+    for kernel in (config.kernel, "reference"):
+        torch.manual_seed(0)
+        models.append(_static(nn.Sequential(make()).eval(), shape, dataclasses.replace(config, kernel=kernel)))
+    return models
+
+
+# Calls the oneDNN conv kernels do not take, and what they say when named for one.
+DECLINED = [
+    pytest.param(lambda: nn.ConvTranspose2d(4, 4, 1, groups=4), (2, 4, 5, 5), lowbit.StaticInt8(),
+                 r"it runs \['conv1d', 'conv2d', 'conv3d'\]; received conv_transpose2d", id="ConvTranspose2d"),
+    pytest.param(lambda: nn.Conv2d(4, 8, 3, padding="same"), (2, 4, 8, 8), lowbit.StaticInt8(),
+                 r"it takes padding as numbers; received a string \('same' / 'valid'\)", id="padding-same"),
+    pytest.param(lambda: nn.Conv1d(4, 8, 3), (2, 4, 9), lowbit.StaticFloat8(),
+                 r"it runs \['conv2d', 'conv3d'\]; received conv1d", id="float8-Conv1d", marks=needs_bf16),
+]
+
+
+@pytest.mark.parametrize("make, shape, config, message", DECLINED)
+def test_auto_runs_the_reference_for_calls_onednn_does_not_take(make, shape, config, message, kernels_run):
+    model, ref = _static_pair(make, shape, config)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out = model(x)
+        assert kernels_run == [("conv", "reference")]
+        assert torch.equal(out, ref(x))
+
+
+@pytest.mark.parametrize("make, shape, config, message", DECLINED)
+def test_onednn_named_for_a_call_it_does_not_take_raises(make, shape, config, message):
+    model = _static_pair(make, shape, dataclasses.replace(config, kernel="onednn"))[0]
+    with pytest.raises(RuntimeError, match=f"^kernel 'onednn' for conv on '{config.scheme}' weights cannot take this call: {message}$"):
+        model(torch.randn(shape))
+
+
+def test_onednn_named_for_a_transposed_conv_weight_raises_at_convert():
+    """A ConvTranspose weight has one scale per output channel along dim 1: not the layout the kernel packs."""
+    with pytest.raises(RuntimeError, match=r"kernel 'onednn' for conv on 'int8_static' weights cannot run here: handles "
+                                           r"\['per_channel'\] weights, not other"):
+        _static(nn.Sequential(nn.ConvTranspose2d(4, 6, 3)).eval(), (2, 4, 5, 5), lowbit.StaticInt8(kernel="onednn"))
+
+
+@pytest.mark.parametrize("kernel, conv_kernel, linear_kernel", [("onednn", "onednn", "onednn"), ("auto", "onednn", "avx512"),
+                                                                  ("avx512", "onednn", "avx512"),
+                                                                  ("reference", "reference", "reference")])
+def test_convs_follow_the_kernel_preference_per_op(kernel, conv_kernel, linear_kernel, kernels_run):
+    """A preference names a kernel per op: a name the conv op has no kernel of (avx512) means auto for convs."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    model = _static(model, (2, 4, 8, 8), lowbit.StaticInt8(kernel=kernel))
+    with torch.inference_mode():
+        model(torch.randn(2, 4, 8, 8))
+    assert kernels_run == [("conv", conv_kernel), ("linear", linear_kernel)]
 
 
 def test_packed_conv_survives_deepcopy_pickle_bf16_and_state_dict():
@@ -115,7 +164,7 @@ def test_packed_conv_survives_deepcopy_pickle_bf16_and_state_dict():
     assert_survives_copies(model, torch.randn(2, 4, 10, 10))
 
 
-def test_string_padding_and_autograd_take_the_reference_path():
+def test_string_padding_conv_has_input_gradients():
     torch.manual_seed(0)
     model = _static(nn.Sequential(nn.Conv2d(4, 8, 3, padding="same")).eval(), (2, 4, 8, 8), lowbit.StaticInt8())
     x = torch.randn(2, 4, 8, 8, requires_grad=True)

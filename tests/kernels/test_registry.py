@@ -8,12 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import Kernel, kernel_names, register_kernel, select_kernel
+import lowbit
+from kernel_spy import kernels_run  # noqa: F401 (fixture)
+from linear_cases import assert_within, error_bound, quantized, reference_of
+from lowbit.kernels import Kernel, kernel_names, native, register_kernel, select_kernel
 from lowbit.kernels import registry as registry_module
+from lowbit.kernels.cpu import needs_vnni
+from lowbit.kernels.registry import Call, call_of
 from lowbit.primitives import choose_qparams, dequantize, pack_int4, quantize, quantize_weight
 from lowbit.tensors import ActivationQuant
+from lowbit.tensors.activation import DynamicActivationTensor, StaticActivationTensor
+from lowbit.tensors.from_spec import quantize_block
 
 REAL_SCHEMES = ("int8", "int4", "float8", "int8_dynamic", "float8_dynamic")
+needs_native = pytest.mark.skipif(native.unavailable("cpu") is not None, reason=f"native kernels: {native.unavailable('cpu')}")
 
 
 @pytest.fixture
@@ -201,3 +209,115 @@ def test_reference_dynamic_linear_fake_quantizes_activation():
     expected = F.linear(xq, dequantize(q, scale, None, (1, 8)))
     torch.testing.assert_close(y, expected)
     assert bool(torch.isfinite(y).all())
+
+
+# ------------------------------------------------------------------ call-level choice (no in-kernel fallbacks)
+
+
+def _meta(activation=None, conv=None):
+    meta = {"shape": (4, 8), "block_size": (1, 8), "qtype": "int8", "activation": activation}
+    return meta if conv is None else {**meta, "conv": conv}
+
+
+def _takes_per_token(call):
+    act = call.activation
+    return None if act is None or act.granularity == "per_token" else f"it takes per_token; received {act.granularity}"
+
+
+def test_a_kernel_that_declines_the_call_is_skipped_by_auto_and_raises_when_named(scheme):
+    register_kernel("linear", scheme, "per_token_only", priority=10, accepts=_takes_per_token)(_fn("fast"))
+    register_kernel("linear", scheme, "reference")(_fn("ref"))
+    per_token, per_tensor = ActivationQuant("int8", "per_token"), ActivationQuant("int8", "per_tensor")
+    assert select_kernel("linear", scheme, "cpu", "auto", _meta(per_token)).name == "per_token_only"
+    assert select_kernel("linear", scheme, "cpu", "auto", _meta(per_tensor)).name == "reference"  # same weight, other call
+    assert select_kernel("linear", scheme, "cpu", "auto", _meta()).name == "per_token_only"  # packing: nothing to judge
+    with pytest.raises(RuntimeError) as info:
+        select_kernel("linear", scheme, "cpu", "per_token_only", _meta(per_tensor))
+    assert str(info.value) == (f"kernel 'per_token_only' for linear on '{scheme}' weights cannot take this call: "
+                               f"it takes per_token; received per_tensor")
+    assert select_kernel("linear", scheme, "cpu", "per_token_only", _meta(per_token)).name == "per_token_only"
+
+
+def test_call_of_reads_activation_conv_function_and_string_padding():
+    act = ActivationQuant("int8", "per_tensor")
+    assert call_of(_meta()) == Call() and call_of(_meta(act)) == Call(act)
+    assert call_of(_meta(act, (F.conv2d, (), {}))) == Call(act, F.conv2d, False)
+    assert call_of(_meta(conv=(F.conv2d, (1, "same"), {}))) == Call(None, F.conv2d, True)
+    assert call_of(_meta(conv=(F.conv1d, (), {"padding": "valid"}))).string_padding
+    assert not call_of(_meta(conv=(F.conv_transpose2d, (2, (1, 1)), {}))).string_padding
+
+
+def test_a_name_only_other_ops_have_means_auto_and_an_unknown_name_raises(scheme):
+    register_kernel("linear", scheme, "linear_only", priority=10)(_fn("l"))
+    register_kernel("conv", scheme, "conv_fast", priority=10, accepts=lambda call: "no" if call.string_padding else None)(_fn("c"))
+    register_kernel("conv", scheme, "reference")(_fn("r"))
+    conv = {**_meta(conv=(F.conv2d, (), {})), "shape": (4, 2, 3, 3), "block_size": (1, 2, 3, 3)}
+    assert select_kernel("conv", scheme, "cpu", "linear_only", conv).name == "conv_fast"
+    same = {**conv, "conv": (F.conv2d, (1, "same"), {})}
+    assert select_kernel("conv", scheme, "cpu", "linear_only", same).name == "reference"
+    with pytest.raises(ValueError, match=r"unknown kernel 'nope' for conv .* one of \['conv_fast', 'reference'\]"):
+        select_kernel("conv", scheme, "cpu", "nope", conv)
+
+
+def _dynamic(weight, activation, kernel, weight_qtype="int8"):
+    config = lowbit.Int8DynamicActivation() if weight_qtype == "int8" else lowbit.Float8DynamicActivation()
+    return DynamicActivationTensor.wrap(quantize_block(weight, config.spec().weight, kernel=kernel), activation)
+
+
+@pytest.mark.skipif(needs_vnni("cpu") is not None, reason=f"int_mm: {needs_vnni('cpu')}")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_per_tensor_activations_run_int_mm_under_auto(symmetric, kernels_run):
+    """The per-token kernels (avx512, onednn) do not take per-tensor activations: auto gives them int_mm."""
+    weight, bias = torch.randn(24, 40) / 40**0.5, torch.randn(24)
+    act = ActivationQuant("int8", "per_tensor", symmetric)
+    fast, ref = _dynamic(weight, act, "auto"), _dynamic(weight, act, "reference")
+    for rows in (1, 9, 33):
+        x = torch.randn(rows, 40) * torch.linspace(0.1, 3, 40)
+        out = F.linear(x, fast, bias)
+        assert kernels_run[-1] == ("linear", "int_mm")
+        assert_within(out, F.linear(x, ref, bias), error_bound(lowbit.Int8DynamicActivation(), ref, x, bias), "int_mm")
+
+
+@pytest.mark.parametrize("name", ["avx512", "onednn"])
+def test_per_token_int8_kernels_named_for_per_tensor_activations_raise(name):
+    kernel = next(k for k in registry_module._KERNELS[("linear", "int8_dynamic")] if k.name == name)
+    if kernel.missing("cpu", "per_row/int8") is not None:
+        pytest.skip(kernel.missing("cpu", "per_row/int8"))
+    q = _dynamic(torch.randn(8, 32), ActivationQuant("int8", "per_tensor", False), name)
+    with pytest.raises(RuntimeError) as info:
+        F.linear(torch.randn(2, 32), q)
+    assert str(info.value) == (f"kernel '{name}' for linear on 'int8_dynamic' weights cannot take this call: it quantizes "
+                               f"activations per token; received per_tensor activations")
+
+
+@needs_native
+def test_float8_per_tensor_activations_run_the_avx512_kernel(kernels_run):
+    """avx512 rounds activations to e4m3 with the reference's per-tensor scale itself (no fake-quant detour)."""
+    config = lowbit.Float8DynamicActivation(granularity="per_tensor")
+    weight, bias = torch.randn(24, 40) / 40**0.5, torch.randn(24)
+    fast, ref = quantized(config, weight), reference_of(config, weight)
+    for rows in (1, 9, 33):  # GEMV and bf16 GEMM
+        x = torch.randn(rows, 40) * torch.linspace(0.1, 3, 40)
+        out = F.linear(x, fast, bias)
+        assert kernels_run[-1] == ("linear", "avx512")
+        assert_within(out, F.linear(x, ref, bias), error_bound(config, ref, x, bias), "avx512")
+
+
+def _e5m2_activation(weight, mode, kernel):
+    if mode == "dynamic":
+        return _dynamic(weight, ActivationQuant("float8_e5m2", "per_token"), kernel, "float8")
+    block = quantize_block(weight, lowbit.StaticFloat8().spec().weight, kernel=kernel)
+    return StaticActivationTensor.wrap_static(block, ActivationQuant("float8_e5m2", "per_tensor"), torch.tensor(0.01), None)
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_e5m2_activations_on_e4m3fn_weights_run_the_reference_and_raise_when_avx512_is_named(mode, kernels_run):
+    weight, x = torch.randn(16, 32), torch.randn(3, 32)
+    out = F.linear(x, _e5m2_activation(weight, mode, "auto"))
+    assert kernels_run == [("linear", "reference")]
+    assert torch.equal(out, F.linear(x, _e5m2_activation(weight, mode, "reference")))
+    with pytest.raises(RuntimeError) as info:
+        F.linear(x, _e5m2_activation(weight, mode, "avx512"))
+    assert str(info.value) == (f"kernel 'avx512' for linear on 'float8_{mode}' weights cannot take this call: it rounds "
+                               f"activations to float8_e4m3fn; received float8_e5m2 activations")

@@ -14,6 +14,8 @@ EXPECTED = {
     "uint8": (torch.uint8, 0, 255, 8, False),
     "int4": (torch.int8, -8, 7, 4, False),
     "uint4": (torch.uint8, 0, 15, 4, False),
+    **{f"int{b}": (torch.int8, -(2 ** (b - 1)), 2 ** (b - 1) - 1, b, False) for b in (2, 3, 5, 6, 7)},
+    **{f"uint{b}": (torch.uint8, 0, 2**b - 1, b, False) for b in (2, 3, 5, 6, 7)},
     "float8_e4m3fn": (torch.float8_e4m3fn, -448.0, 448.0, 8, True),
     "float8_e5m2": (torch.float8_e5m2, -57344.0, 57344.0, 8, True),
 }
@@ -48,7 +50,7 @@ def test_get_qtype_passes_qtype_through():
     assert get_qtype("int4").qmax == 7
 
 
-@pytest.mark.parametrize("bad", ["int3", "INT8", "float8", ""])
+@pytest.mark.parametrize("bad", ["int9", "INT8", "float8", ""])
 def test_unknown_qtype_lists_names(bad):
     with pytest.raises(ValueError) as info:
         get_qtype(bad)

@@ -66,7 +66,8 @@ def _embedding(indices, tensors, meta, bias):
     rows = {n: tensors[n][indices if n == "qdata" else indices // block_rows] for n in names}  # (*I, ...)
     block = (1,) * indices.dim() + tuple(meta["block_size"][1:])
     packed_dim = meta["packed_dim"]
-    row_meta = dict(meta, block_size=block, packed_dim=None if packed_dim is None else indices.dim())
+    row_meta = dict(meta, shape=(*indices.shape, meta["shape"][-1]), block_size=block,
+                    packed_dim=None if packed_dim is None else indices.dim())
     return dequantize_weight(rows, row_meta, meta["dtype"])
 
 
