@@ -4,7 +4,8 @@
 (b) ``minilm``: all-MiniLM-L6-v2 end to end at batch 1 and 32, sequence 128 (size; cosine vs fp32 embeddings);
 (e) ``grad``: grad mode (plain ``model(x)``) vs ``no_grad`` for every config, on a linear and on MiniLM;
 (c) ``compile``: torch.compile vs eager; ``quantize``: quantize_ time and peak memory on MiniLM;
-(d) ``cnn``: the digits CNN with static int8/float8 (top-1 accuracy); (f) ``kv_cache``: the quantized KV cache.
+(d) ``cnn``: the digits CNN with static int8/float8 (top-1 accuracy); (f) ``kv_cache``: the quantized KV cache;
+(g) ``intx``: 2..7-bit weights, linear speed and MiniLM cosine.
 
 Every time is a median over rounds in which the baselines (fp32, bf16) and the candidate take turns
 (:mod:`lowbit.bench.timing`), so ratios compare runs made under the same load.
@@ -28,6 +29,7 @@ import lowbit
 from .cnn import bench_cnn
 from .compiled import bench_compile
 from .grad import bench_grad
+from .intx import bench_intx
 from .kv import bench_kv_cache
 from .linear import bench_linears
 from .markdown import markdown
@@ -75,6 +77,7 @@ SECTIONS = {
     "quantize": lambda profile, echo, notes: quantize_cost(echo),
     "cnn": lambda profile, echo, notes: bench_cnn(profile, echo),
     "kv_cache": lambda profile, echo, notes: bench_kv_cache(echo),
+    "intx": lambda profile, echo, notes: bench_intx(profile, echo),
 }
 
 

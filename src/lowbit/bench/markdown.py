@@ -78,8 +78,20 @@ def _kv_cache(rows: list[dict]) -> list[str]:
                             f"{r['bytes_ratio']:.3f}x", f"{r['logits_cosine']:.5f}"] for r in rows])
 
 
+def _intx(rows: list[dict]) -> list[str]:
+    linear = [r for r in rows if r["kind"] == "linear"]
+    minilm = [r for r in rows if r["kind"] == "minilm"]
+    lines = ["### Intx weights: linear at M=1, and MiniLM cosine (round to nearest)", ""]
+    lines += _table(["method", "size", "ms", "spread", "vs fp32", "vs bf16", "vs Int4WeightOnly"],
+                    [[r["method"], r["size"], f"{r['ms']:.3f}", f"±{100 * r['spread']:.0f}%", f"{r['speedup']:.2f}x",
+                      f"{r['speedup_bf16']:.2f}x", f"{r['vs_int4']:.2f}x"] for r in linear])
+    return lines + [""] + _table(["config", "bits", "group", "cos min", "cos mean"],
+                                 [[r["method"], str(r["bits"]), str(r["group"]), f"{r['cos_min']:.4f}", f"{r['cos_mean']:.4f}"]
+                                  for r in minilm])
+
+
 SECTIONS = {"linear": _linear, "minilm": _minilm, "grad": _grad, "compile": _compile, "quantize": _quantize,
-            "cnn": _cnn, "kv_cache": _kv_cache}
+            "cnn": _cnn, "kv_cache": _kv_cache, "intx": _intx}
 
 
 def busy_spread(report: dict) -> tuple[str, float]:

@@ -15,7 +15,8 @@ from lowbit.tensors import QuantizedTensor
 
 from .peers import peer_list
 
-DEFAULT_CONFIGS = [config for config in NAMED_CONFIGS.values() if not isinstance(config, IntxWeightOnly)]  # one of each config class, with its defaults (intx: its own rows)
+# one of each config class with its defaults (intx at 3 bits; every bit width has rows of its own in bench.intx)
+DEFAULT_CONFIGS = [c for c in NAMED_CONFIGS.values() if not isinstance(c, IntxWeightOnly) or c.bits == 3]
 # opt-in kernels measured beside the defaults
 OPT_IN_CONFIGS = [lowbit.Int8WeightOnly(kernel="onednn"), lowbit.Int8DynamicActivation(kernel="onednn")]
 # non-default settings that BENCHMARKS.md's accuracy table reports on MiniLM
