@@ -1,0 +1,239 @@
+/* Intx kernels: weights of 1..8-bit codes in bit planes -> the fused small-batch weight-only linear and a bf16
+ * decode for the GEMM path.
+ *
+ * Planes (made once at quantize/load time by lowbit_intx_pack_planes): per weight row, ceil(K / 64) blocks of
+ * 64 codes, each `bits` little-endian uint64 planes: bit j of plane p is bit p of the unsigned code of
+ * k = 64c + j (codes past K are 0); 8 * bits bytes per block, as many as the canonical bit stream. Signed codes
+ * are stored offset by 2^(bits-1), which the kernels subtract as an implied zero point. A block decodes to its
+ * 64 codes as bytes in two instructions whatever the width (decode64), so time follows the bytes read.
+ * Decoding needs AVX512-VBMI and GFNI (compiled for them here, called only where the CPU has them). */
+#include "common.h"
+
+#define GFNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")))
+#define INTX_MR 4         /* activation rows sharing one decoded weight block */
+#define INTX_NR 4         /* weight rows of a tile for one or two activation rows */
+#define INTX_PREFETCH_ROWS 8 /* prefetch distance in weight rows: a tile's rows are adjacent, so this reads ahead of all */
+
+/* Canonical bit streams (N, ceil(K * bits / 8)), value j of a row in stream bits [j * bits, (j + 1) * bits) ->
+ * planes (N, ceil(K / 64) * 8 * bits); flip (2^(bits-1) for signed codes, else 0) is XOR-ed into every code,
+ * turning two's complement into offset binary. A 64-code block is 8 * bits whole bytes of the stream. */
+void lowbit_intx_pack_planes(const uint8_t *stream, uint8_t *planes, int64_t N, int64_t K, int64_t bits, int flip,
+                             int threads) {
+    int64_t blocks = (K + 63) / 64, stream_bytes = (K * bits + 7) / 8, mask = (1 << bits) - 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *src = stream + n * stream_bytes;
+        uint64_t *dst = (uint64_t *)(planes + n * blocks * 8 * bits);
+        for (int64_t c = 0; c < blocks; c++) {
+            uint8_t codes[64] = {0};
+            for (int64_t j = 0; j < 64 && 64 * c + j < K; j++) {
+                int64_t bit = (64 * c + j) * bits, byte = bit / 8;
+                unsigned word = src[byte] | (byte + 1 < stream_bytes ? (unsigned)src[byte + 1] << 8 : 0u);
+                codes[j] = (uint8_t)(((word >> (bit % 8)) & mask) ^ flip);
+            }
+            __m512i v = _mm512_loadu_si512((const void *)codes);
+            for (int64_t p = 0; p < bits; p++) dst[c * bits + p] = _mm512_test_epi8_mask(v, _mm512_set1_epi8((char)(1 << p)));
+        }
+    }
+}
+
+/* A block's planes -> its 64 codes as bytes: a byte permute gathers byte i of every plane into qword i (plane p
+ * at byte 7 - p, planes >= bits zeroed), then one GF(2) affine transform per qword transposes that 8x8 bit
+ * matrix (output bit p of byte j = bit j of byte 7 - p), so byte j of qword i becomes the code of k = 8i + j. */
+GFNI_TARGET static inline __attribute__((always_inline)) __m512i decode64(const uint8_t *block, __mmask64 bytes, __m512i gather,
+                                                                          __mmask64 planes) {
+    __m512i raw = _mm512_maskz_loadu_epi8(bytes, (const void *)block);
+    __m512i rows = _mm512_maskz_permutexvar_epi8(planes, gather, raw);
+    return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64((long long)0x8040201008040201ULL), rows, 0);
+}
+
+/* The permute indices and masks of decode64 for `bits`-bit codes. */
+static void decode_tables(int64_t bits, __mmask64 *bytes, __m512i *gather, __mmask64 *planes) {
+    uint8_t index[64];
+    *planes = 0;
+    for (int o = 0; o < 64; o++) {
+        int qword = o / 8, plane = 7 - o % 8;
+        index[o] = (uint8_t)(plane < bits ? 8 * plane + qword : 0);
+        if (plane < bits) *planes |= 1ULL << o;
+    }
+    *gather = _mm512_loadu_si512((const void *)index);
+    *bytes = bits == 8 ? ~0ULL : (1ULL << (8 * bits)) - 1;
+}
+
+/* sum_g scale[g] * zero[g] * R[g] over one weight row's groups (zero == NULL: the implied zero point). */
+static inline float intx_zero_correction(const float *scale, const uint8_t *zero, float implied, const int32_t *R, int64_t groups) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+        __mmask16 live = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+        __m512 z = zero ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, zero + g))) : _mm512_set1_ps(implied);
+        __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, scale + g), z);
+        acc = _mm512_fmadd_ps(sz, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, R + g)), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* Activation row m -> its 16-bit split (common.h) as int8 halves a[m] = (hi, lo) of K64 = 64 * blocks entries
+ * each, and R[m, g] = sum over group g of 256 * hi + lo. Entries past K stay unwritten: the codes they meet are 0. */
+static void split_row(const float *x, int8_t *a, int32_t *R, float *x_scale, int64_t m, int64_t K, int64_t K64, int64_t G) {
+    int8_t *hi = a + m * 2 * K64, *lo = hi + K64;
+    split_row_16(x + m * K, hi, lo, x_scale + m, K, 0);
+    for (int64_t g = 0; g < K / G; g++) {
+        int32_t sum = 0;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) sum += 256 * hi[k] + lo[k];
+        R[m * (K / G) + g] = sum;
+    }
+}
+
+/* What every tile of one call shares. */
+struct intx_call {
+    const uint8_t *planes;
+    const float *scale;
+    const uint8_t *zero; /* NULL: the implied zero point */
+    const int8_t *a;     /* (M, 2, K64): hi and lo halves of each activation row */
+    const int32_t *R;    /* (M, groups) */
+    const float *x_scale, *bias;
+    float *y;
+    int64_t N, K, K64, G, groups, row_bytes, block_bytes, prefetch; /* prefetch: bytes ahead in the weights */
+    float implied;
+    __mmask64 bytes, plane_mask;
+    __m512i gather;
+};
+
+/* Weight rows n0 .. n0 + nr - 1 times activation rows m0 .. m0 + rows - 1; nr, rows and units (64-code blocks per
+ * span) are constants after inlining, so the loops unroll and the accumulators stay in registers:
+ *   y[m, n] = x_scale[m] * (sum_g scale[n, g] * sum_{k in g} q[n, k] * (256 * hi[m, k] + lo[m, k])
+ *                           - sum_g scale[n, g] * zero[n, g] * R[m, g]) + bias[n]
+ * A span of k holds one group (G >= 64) or one 64-code block whose lanes 0-7 and 8-15 are two groups (G = 32):
+ * its int32 sums (hi and lo halves apart) become float with the group scale. 256 * hi + lo fits int32: a lane
+ * sums 4 * G / 64 products below 2^14 (codes < 2^7 times halves of magnitude <= 128), times 256 < 2^31 for G <= 256. */
+GFNI_TARGET static inline __attribute__((always_inline)) void intx_tile(const struct intx_call *c, int64_t n0, const int nr,
+                                                                        int64_t m0, const int rows, const int units) {
+    const int64_t G = c->G, groups = c->groups, K64 = c->K64, span_bytes = units * c->block_bytes;
+    const int span_groups = G < 64 ? 2 : 1;
+    __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+    const uint8_t *wrow[INTX_NR];
+    const float *srow[INTX_NR];
+    for (int j = 0; j < nr; j++) wrow[j] = c->planes + (n0 + j) * c->row_bytes, srow[j] = c->scale + (n0 + j) * groups;
+    const int8_t *arow = c->a + m0 * 2 * K64;
+    __m512 facc[INTX_MR][INTX_NR];
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < nr; j++) facc[r][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += span_groups, arow += 64 * units) {
+        __m512i acc[INTX_MR][INTX_NR][2];
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < nr; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_si512();
+        for (int j = 0; j < nr; j++) /* the rows of a later tile: the tile's rows are adjacent in memory */
+            for (int64_t off = 0; off < span_bytes; off += 64) _mm_prefetch((const char *)(wrow[j] + c->prefetch + off), _MM_HINT_T0);
+        for (int u = 0; u < units; u++) {
+            __m512i w[INTX_NR];
+            for (int j = 0; j < nr; j++) w[j] = decode64(wrow[j] + u * c->block_bytes, c->bytes, c->gather, c->plane_mask);
+            for (int r = 0; r < rows; r++) {
+                const int8_t *ah = arow + r * 2 * K64 + 64 * u;
+                __m512i vh = _mm512_loadu_si512((const void *)ah), vl = _mm512_loadu_si512((const void *)(ah + K64));
+                for (int j = 0; j < nr; j++) {
+                    acc[r][j][0] = _mm512_dpbusd_epi32(acc[r][j][0], w[j], vh);
+                    acc[r][j][1] = _mm512_dpbusd_epi32(acc[r][j][1], w[j], vl);
+                }
+            }
+        }
+        for (int j = 0; j < nr; j++) {
+            __m512 s = G < 64 ? _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups - g > 1 ? 3 : 1, srow[j] + g))
+                              : _mm512_set1_ps(srow[j][g]);
+            for (int r = 0; r < rows; r++) {
+                __m512i v = _mm512_add_epi32(_mm512_slli_epi32(acc[r][j][0], 8), acc[r][j][1]);
+                facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, facc[r][j]);
+            }
+            wrow[j] += span_bytes;
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        int64_t n = n0 + j;
+        const uint8_t *zr = c->zero ? c->zero + n * groups : NULL;
+        for (int r = 0; r < rows; r++) {
+            int64_t m = m0 + r;
+            float out = c->x_scale[m] * (_mm512_reduce_add_ps(facc[r][j]) -
+                                         intx_zero_correction(c->scale + n * groups, zr, c->implied, c->R + m * groups, groups));
+            c->y[m * c->N + n] = c->bias ? out + c->bias[n] : out;
+        }
+    }
+}
+
+/* The tiles of weight rows n0 .. n0 + nrows - 1 (nrows <= INTX_NR) and activation rows m0 .. m0 + rows - 1. */
+GFNI_TARGET static inline __attribute__((always_inline)) void intx_tiles(const struct intx_call *c, int64_t n0, int64_t nrows,
+                                                                         int64_t m0, int64_t rows, const int units) {
+    if (nrows == INTX_NR && rows == 1) intx_tile(c, n0, INTX_NR, m0, 1, units); /* more weight rows in flight for one activation row */
+    else if (nrows == INTX_NR && rows == 2) { intx_tile(c, n0, 2, m0, 2, units); intx_tile(c, n0 + 2, 2, m0, 2, units); }
+    else
+        for (int64_t n = n0; n < n0 + nrows; n++) switch (rows) {
+            case 1: intx_tile(c, n, 1, m0, 1, units); break;
+            case 2: intx_tile(c, n, 1, m0, 2, units); break;
+            case 3: intx_tile(c, n, 1, m0, 3, units); break;
+            default: intx_tile(c, n, 1, m0, 4, units); break;
+        }
+}
+
+/* Weight-only linear y (M, N) = x (M, K) @ dequantized(W)^T + bias for few rows in one call (the weights are read once
+ * per INTX_MR activation rows):
+ * planes of `bits`-bit codes (see the top), float32 scale (N, K / G), uint8 zero (N, K / G) or NULL for signed
+ * codes (implied zero 2^(bits-1)). G is 32, 64, 128 or 256, K a multiple of G. */
+GFNI_TARGET void lowbit_intx_linear_small(const float *x, const uint8_t *planes, const float *scale, const uint8_t *zero,
+                                          const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t bits,
+                                          int threads) {
+    if (M <= 0 || N <= 0) return; /* an empty batch */
+    int64_t blocks = (K + 63) / 64, K64 = 64 * blocks, row_bytes = blocks * 8 * bits;
+    int8_t *a = (int8_t *)aligned_alloc(64, 2 * M * K64);
+    int32_t *R = (int32_t *)malloc(sizeof(int32_t) * M * (K / G));
+    float *x_scale = (float *)malloc(sizeof(float) * M);
+    struct intx_call c = {.planes = planes, .scale = scale, .zero = zero, .a = a, .R = R, .x_scale = x_scale, .bias = bias,
+                          .y = y, .N = N, .K = K, .K64 = K64, .G = G, .groups = K / G, .row_bytes = row_bytes,
+                          .block_bytes = 8 * bits, .prefetch = INTX_PREFETCH_ROWS * row_bytes, .implied = (float)(1 << (bits - 1))};
+    decode_tables(bits, &c.bytes, &c.gather, &c.plane_mask);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) split_row(x, a, R, x_scale, m, K, K64, G);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < (N + INTX_NR - 1) / INTX_NR; p++) { /* weight rows INTX_NR * p ... */
+            int64_t n0 = INTX_NR * p, nrows = N - n0 < INTX_NR ? N - n0 : INTX_NR;
+            for (int64_t m0 = 0; m0 < M; m0 += INTX_MR) {
+                int64_t rows = M - m0 < INTX_MR ? M - m0 : INTX_MR;
+                switch (G) {
+                    case 256: intx_tiles(&c, n0, nrows, m0, rows, 4); break;
+                    case 128: intx_tiles(&c, n0, nrows, m0, rows, 2); break;
+                    default: intx_tiles(&c, n0, nrows, m0, rows, 1); break; /* 32 (two groups per block) or 64 */
+                }
+            }
+        }
+    }
+    free(x_scale);
+    free(R);
+    free(a);
+}
+
+/* Rows [row0, row0 + rows) of planes -> bfloat16 rows of K in out: w = (q - zero) * scale rounded half to even
+ * (zero NULL: the implied 2^(bits-1)). G is a multiple of 32, so 16 consecutive codes share a group. */
+GFNI_TARGET void lowbit_intx_rows_to_bf16(const uint8_t *planes, const float *scale, const uint8_t *zero, uint16_t *out,
+                                          int64_t K, int64_t G, int64_t bits, int64_t row0, int64_t rows, int threads) {
+    int64_t blocks = (K + 63) / 64, block_bytes = 8 * bits, row_bytes = blocks * block_bytes, groups = K / G;
+    float implied = (float)(1 << (bits - 1));
+    __mmask64 bytes, plane_mask;
+    __m512i gather;
+    decode_tables(bits, &bytes, &gather, &plane_mask);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t n = row0 + r;
+        const float *sr = scale + n * groups;
+        const uint8_t *zr = zero ? zero + n * groups : NULL;
+        for (int64_t c = 0; c < blocks; c++) {
+            __m512i codes = decode64(planes + n * row_bytes + c * block_bytes, bytes, gather, plane_mask);
+            __m128i part[4] = {_mm512_extracti32x4_epi32(codes, 0), _mm512_extracti32x4_epi32(codes, 1),
+                               _mm512_extracti32x4_epi32(codes, 2), _mm512_extracti32x4_epi32(codes, 3)};
+            for (int q = 0; q < 4 && 64 * c + 16 * q < K; q++) {
+                int64_t k = 64 * c + 16 * q, g = k / G;
+                __m512 z = _mm512_set1_ps(zr ? (float)zr[g] : implied);
+                __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[q])), z), _mm512_set1_ps(sr[g]));
+                _mm256_storeu_si256((__m256i *)(out + r * K + k), to_bf16(w));
+            }
+        }
+    }
+}
