@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import lowbit
@@ -14,7 +15,7 @@ from linear_cases import assert_within, error_bound, quantized, reference_of
 from lowbit.kernels import Kernel, kernel_names, native, register_kernel, select_kernel
 from lowbit.kernels import registry as registry_module
 from lowbit.kernels.cpu import needs_vnni
-from lowbit.kernels.registry import Call, call_of
+from lowbit.kernels.registry import Call, Layout, call_of
 from lowbit.primitives import choose_qparams, dequantize, pack_int4, quantize, quantize_weight
 from lowbit.tensors import ActivationQuant
 from lowbit.tensors.activation import DynamicActivationTensor, StaticActivationTensor
@@ -281,11 +282,11 @@ def test_int8_per_tensor_activations_run_int_mm_under_auto(symmetric, kernels_ru
 @pytest.mark.parametrize("name", ["avx512", "onednn"])
 def test_per_token_int8_kernels_named_for_per_tensor_activations_raise(name):
     kernel = next(k for k in registry_module._KERNELS[("linear", "int8_dynamic")] if k.name == name)
-    if kernel.missing("cpu", "per_row/int8") is not None:
-        pytest.skip(kernel.missing("cpu", "per_row/int8"))
-    q = _dynamic(torch.randn(8, 32), ActivationQuant("int8", "per_tensor", False), name)
-    with pytest.raises(RuntimeError) as info:
-        F.linear(torch.randn(2, 32), q)
+    per_row = Layout(frozenset({"per_row"}), "int8")
+    if kernel.missing("cpu", per_row) is not None:
+        pytest.skip(kernel.missing("cpu", per_row))
+    with pytest.raises(RuntimeError) as info:  # at quantize time: packing knows the activation quantization
+        _dynamic(torch.randn(8, 32), ActivationQuant("int8", "per_tensor", False), name)
     assert str(info.value) == (f"kernel '{name}' for linear on 'int8_dynamic' weights cannot take this call: it quantizes "
                                f"activations per token; received per_tensor activations")
 
@@ -321,3 +322,15 @@ def test_e5m2_activations_on_e4m3fn_weights_run_the_reference_and_raise_when_avx
         F.linear(x, _e5m2_activation(weight, mode, "avx512"))
     assert str(info.value) == (f"kernel 'avx512' for linear on 'float8_{mode}' weights cannot take this call: it rounds "
                                f"activations to float8_e4m3fn; received float8_e5m2 activations")
+
+
+@pytest.mark.parametrize("name", ["int_mm", "auto"])
+def test_packed_tensor_names_the_kernel_it_was_packed_for(name):
+    """Packing picks the kernel once, with the activation quantization it will see, and records (scheme, kernel)."""
+    model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 16)), lowbit.Int8DynamicActivation(kernel=name))
+    weight = model[0].weight.weight
+    expected = select_kernel("linear", "int8_dynamic", "cpu", name, {**weight.meta, "activation": model[0].weight.activation})
+    assert weight.packed_for == ("int8_dynamic", expected.name) and (name == "auto" or expected.name == name)
+    copy = lowbit.quantize_(nn.Sequential(nn.Linear(64, 16)), lowbit.Int8DynamicActivation(kernel=name))
+    copy.load_state_dict(model.state_dict())
+    assert torch.equal(copy[0].weight.weight.packed_aux, weight.packed_aux)

@@ -87,15 +87,15 @@ class Kernel:
     qtypes: frozenset[str] | None = None
     accepts: Callable[[Call], str | None] | None = None
 
-    def missing(self, device_type: str, weight_layout: str = "any/any") -> str | None:
-        """Why this kernel cannot run on ``device_type`` for weights of ``weight_layout``, or None."""
-        granularity, qtype = weight_layout.split("/")
+    def missing(self, device_type: str, weight_layout: Layout | None = None) -> str | None:
+        """Why this kernel cannot run on ``device_type`` for weights of ``weight_layout`` (None: any), or None."""
         if device_type not in self.devices:
             return f"runs on {sorted(self.devices)}, not {device_type}"
-        if self.granularities is not None and not self.granularities & set(granularity.split("+")):
-            return f"handles {sorted(self.granularities)} weights, not {granularity}"
-        if self.qtypes is not None and qtype not in self.qtypes:
-            return f"handles {sorted(self.qtypes)} weights, not {qtype}"
+        if weight_layout is not None:
+            if self.granularities is not None and not self.granularities & weight_layout.granularities:
+                return f"handles {sorted(self.granularities)} weights, not {weight_layout.granularity_names}"
+            if self.qtypes is not None and weight_layout.qtype not in self.qtypes:
+                return f"handles {sorted(self.qtypes)} weights, not {weight_layout.qtype}"
         return self.requires(device_type) if self.requires else None
 
     def declines(self, call: Call) -> str | None:
@@ -103,11 +103,27 @@ class Kernel:
         return None if self.accepts is None else self.accepts(call)
 
 
-def layout(meta) -> str:
-    """``"granularities/qtype"`` of a weight, naming every granularity its blocks satisfy joined by ``+``
-    (a one-row weight is per_tensor and per_row, a per_row weight is per_group with one group):
-    per_tensor, per_channel (one scale per output channel of a conv weight with dims > 2), per_row,
-    per_group, or other when none holds."""
+@dataclass(frozen=True)
+class Layout:
+    """A weight's granularities (every one its blocks satisfy) and qtype name."""
+
+    granularities: frozenset[str]
+    qtype: str
+
+    @property
+    def granularity_names(self) -> str:
+        return "+".join(sorted(self.granularities)) or "other"
+
+
+def layout(meta) -> Layout:
+    """The :class:`Layout` of a weight, naming every granularity its blocks satisfy (a one-row weight is
+    per_tensor and per_row, a per_row weight is per_group with one group): per_tensor, per_channel (one scale
+    per output channel of a conv weight with dims > 2), per_row, per_group; none holds for other blocks.
+
+    Example:
+        >>> sorted(layout({"shape": (4, 64), "block_size": (1, 64), "qtype": "int8"}).granularities)
+        ['per_group', 'per_row']
+    """
     shape, block = tuple(meta["shape"]), tuple(meta["block_size"])
     leading_ones = all(b == 1 for b in block[:-1])
     holds = {
@@ -116,7 +132,7 @@ def layout(meta) -> str:
         "per_row": leading_ones and block[-1] == shape[-1],
         "per_group": leading_ones,
     }
-    return f"{'+'.join(name for name, ok in holds.items() if ok) or 'other'}/{meta['qtype']}"
+    return Layout(frozenset(name for name, ok in holds.items() if ok), meta["qtype"])
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
@@ -181,12 +197,12 @@ def select_kernel(op: str, scheme: str, device_type: str, preference: str = "aut
                call_of(meta))
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _CHOSEN[key] = _resolve(op, scheme, device_type, preference, "any/any" if meta is None else layout(meta),
+        chosen = _CHOSEN[key] = _resolve(op, scheme, device_type, preference, None if meta is None else layout(meta),
                                          key[-1])
     return chosen
 
 
-def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_layout: str, call: Call) -> Kernel:
+def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_layout: Layout | None, call: Call) -> Kernel:
     kernels = _KERNELS.get((op, scheme))
     if not kernels:
         raise NotImplementedError(f"lowbit has no {op!r} kernel for {scheme!r} weights")
@@ -208,7 +224,8 @@ def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_lay
     for kernel in kernels:  # "auto", or a name of another op's kernel
         if kernel.missing(device_type, weight_layout) is None and kernel.declines(call) is None:
             return kernel
-    raise RuntimeError(f"no {op!r} kernel for {scheme!r} {weight_layout} weights can take this call on {device_type}")
+    which = "" if weight_layout is None else f"{weight_layout.granularity_names} {weight_layout.qtype} "
+    raise RuntimeError(f"no {op!r} kernel for {scheme!r} {which}weights can take this call on {device_type}")
 
 
 def _named_for_scheme(name: str, scheme: str) -> bool:

@@ -37,7 +37,7 @@ SEPARATOR = "::"  # file names of inner tensors: "<entry>::<field>[::<field>...]
 
 
 def pack(t: QuantizedTensor) -> QuantizedTensor:
-    """Attach the packed layout of this machine's kernel, as quantizing does."""
+    """Attach the packed layout of this machine's kernel, as quantizing does (``packed_for`` names it)."""
     if isinstance(t, StaticActivationTensor):
         return StaticActivationTensor.wrap_static(t.weight, t.activation, t.act_scale, t.act_zero_point, t.act_smooth)
     if isinstance(t, DynamicActivationTensor):

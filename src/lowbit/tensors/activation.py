@@ -32,7 +32,7 @@ class DynamicActivationTensor(QuantizedTensor):
     @classmethod
     def wrap(cls, weight: BlockQuantizedTensor, activation: ActivationQuant) -> "DynamicActivationTensor":
         """Wrap ``weight``, packing it for this scheme's linear kernel."""
-        weight = with_packing(weight, scheme_for(weight.scheme, cls.mode).name)
+        weight = with_packing(weight, scheme_for(weight.scheme, cls.mode).name, activation)
         return cls(weight=weight, activation=activation, shape=weight.shape, dtype=weight.dtype)
 
     @property
@@ -77,7 +77,7 @@ def _to_copy(func, args, kwargs):
     if device is None or torch.device(device) == self.device:
         return self.with_weight(func(self.weight, *args[1:], **kwargs))
     moved = func(self.weight.canonical(), *args[1:], **kwargs)
-    return self.with_weight(with_packing(moved, self.scheme))  # packed once, for this scheme's kernel there
+    return self.with_weight(with_packing(moved, self.scheme, self.activation))  # packed once, for this scheme's kernel there
 
 
 @DynamicActivationTensor.implements([aten.split.Tensor, aten.split_with_sizes.default])
@@ -139,7 +139,7 @@ class StaticActivationTensor(DynamicActivationTensor):
         (SmoothQuant: the weight's columns were multiplied by them)."""
         if activation.granularity != "per_tensor":
             raise ValueError(f"static activations are quantized per tensor; received {activation.granularity!r}")
-        weight = with_packing(weight, scheme_for(weight.scheme, cls.mode).name)
+        weight = with_packing(weight, scheme_for(weight.scheme, cls.mode).name, activation)
         return cls(weight=weight, act_scale=act_scale, act_zero_point=act_zero_point, act_smooth=act_smooth,
                    activation=activation, shape=weight.shape, dtype=weight.dtype)
 

@@ -33,7 +33,7 @@ class BlockQuantizedTensor(QuantizedTensor):
     tensor_names = ("qdata", "scale")
     optional_tensor_names = ("zero_point",) + PACKED_NAMES
     meta_names = ("qtype", "block_size", "packed_dim", "kernel", "groups", "packed_for", "packed_transposed")
-    # a conv weight's groups; the scheme packed fields serve; True when they serve this tensor's transpose
+    # a conv weight's groups; (scheme, kernel name) the packed fields serve; True when they serve this tensor's transpose
     # (a weight applied as ``x @ W``, such as transformers' Conv1D: see :func:`transposed`)
     optional_meta_names = ("groups", "packed_for", "packed_transposed")
     scheme: ClassVar[str] = "block"
@@ -67,12 +67,13 @@ class BlockQuantizedTensor(QuantizedTensor):
             return self.map_tensors(fn)
         if self.packed_transposed:
             return transposed(transposed(self, 0, 1).copied(fn), 0, 1)
-        return with_packing(self.canonical().map_tensors(fn), self.packed_for)
+        return with_packing(self.canonical().map_tensors(fn), self.packed_for[0])  # the kernel is chosen where it lands
 
     def __reduce_ex__(self, protocol):
         if self.packed_for is None:
             return super().__reduce_ex__(protocol)
         return _unpickle_packed, (self.canonical(), self.packed_for, self.extra_state())
+
 
     def kernel_inputs(self) -> tuple[dict, dict]:
         """Plain tensors and metadata handed to kernels (packed fields only where they serve this orientation)."""
@@ -94,21 +95,25 @@ def run_kernel(op: str, weight: QuantizedTensor, x: torch.Tensor, bias=None, pre
     return call_kernel(kernel, x, tensors, meta, bias)
 
 
-def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None) -> BlockQuantizedTensor:
-    """Attach the packed layout of the linear kernel chosen for ``weight`` (once, not per call).
+def with_packing(weight: BlockQuantizedTensor, scheme: str | None = None, activation=None,
+                 kernel: str | None = None) -> BlockQuantizedTensor:
+    """Attach the packed layout of the kernel chosen for ``weight`` (once, not per call); ``packed_for`` records
+    the scheme and the kernel name it serves.
 
-    ``scheme`` overrides the weight's own (a dynamic-activation wrapper packs its inner weight
-    for its own kernel).
+    ``scheme`` overrides the weight's own (an activation wrapper packs its inner weight for its own kernel, whose
+    choice depends on its ``activation`` quantization); ``kernel`` overrides the weight's preference (a copy is
+    packed for the kernel its original was).
     """
     canonical, scheme = weight.canonical(), scheme or weight.scheme
     if applied_transposed(weight):  # pack the linear weight W^T it serves, in a contiguous layout for the kernels
         linear = transposed(canonical, 0, 1).map_tensors(torch.Tensor.contiguous)
-        return transposed(with_packing(linear, scheme), 0, 1)
+        return transposed(with_packing(linear, scheme, activation, kernel), 0, 1)
     op = "linear" if weight.groups is None else "conv"
-    kernel = select_kernel(op, scheme, weight.device.type, weight.kernel, weight.meta)
-    if kernel.pack is None:
+    meta = canonical.meta if activation is None else {**canonical.meta, "activation": activation}
+    chosen = select_kernel(op, scheme, weight.device.type, kernel or weight.kernel, meta)
+    if chosen.pack is None:
         return canonical
-    return canonical.rebuild(**kernel.pack(canonical.fields(), canonical.meta), packed_for=scheme)
+    return canonical.rebuild(**chosen.pack(canonical.fields(), canonical.meta), packed_for=(scheme, chosen.name))
 
 
 def applied_transposed(weight: BlockQuantizedTensor) -> bool:
@@ -120,8 +125,8 @@ def applied_transposed(weight: BlockQuantizedTensor) -> bool:
     return weight.dim() == 2 and weight.groups is None and block[1] == 1 < block[0]
 
 
-def _unpickle_packed(canonical: BlockQuantizedTensor, scheme: str, extra: dict) -> BlockQuantizedTensor:
-    new = with_packing(canonical, scheme)
+def _unpickle_packed(canonical: BlockQuantizedTensor, packed_for: tuple[str, str], extra: dict) -> BlockQuantizedTensor:
+    new = with_packing(canonical, packed_for[0])  # packed for the kernel chosen on the unpickling machine
     new.__dict__.update(extra)
     return new
 
@@ -166,8 +171,9 @@ def _copy_(func, args, kwargs):
     for name, t in dst.canonical().fields().items():
         t.copy_(getattr(src, name))
     wanted = [n for n in PACKED_NAMES if getattr(dst, n) is not None]
-    if src.packed_transposed != dst.packed_transposed or any(getattr(src, n) is None for n in wanted):  # pack for dst
-        src = with_packing(dst, dst.packed_for)
+    if src.packed_for != dst.packed_for or src.packed_transposed != dst.packed_transposed:  # the layout dst's kernel reads
+        scheme, kernel = dst.packed_for
+        src = with_packing(dst, scheme, kernel=kernel)
     for name in wanted:
         if getattr(src, name) is not None:
             getattr(dst, name).copy_(getattr(src, name))
