@@ -158,18 +158,25 @@ GFNI_TARGET static inline __attribute__((always_inline)) void intx_tile(const st
     }
 }
 
-/* The tiles of weight rows n0 .. n0 + nrows - 1 (nrows <= INTX_NR) and activation rows m0 .. m0 + rows - 1. */
+/* The tiles of weight rows n0 .. n0 + nrows - 1 (nrows <= INTX_NR) and activation rows m0 .. m0 + rows - 1 (rows <=
+ * INTX_MR): four weight rows in flight for one activation row, else pairs of weight rows sharing each activation load. */
 GFNI_TARGET static inline __attribute__((always_inline)) void intx_tiles(const struct intx_call *c, int64_t n0, int64_t nrows,
                                                                          int64_t m0, int64_t rows, const int units) {
-    if (nrows == INTX_NR && rows == 1) intx_tile(c, n0, INTX_NR, m0, 1, units); /* more weight rows in flight for one activation row */
-    else if (nrows == INTX_NR && rows == 2) { intx_tile(c, n0, 2, m0, 2, units); intx_tile(c, n0 + 2, 2, m0, 2, units); }
-    else
-        for (int64_t n = n0; n < n0 + nrows; n++) switch (rows) {
-            case 1: intx_tile(c, n, 1, m0, 1, units); break;
-            case 2: intx_tile(c, n, 1, m0, 2, units); break;
-            case 3: intx_tile(c, n, 1, m0, 3, units); break;
-            default: intx_tile(c, n, 1, m0, 4, units); break;
+    if (nrows == INTX_NR && rows == 1) {
+        intx_tile(c, n0, INTX_NR, m0, 1, units);
+        return;
+    }
+    for (int64_t n = n0; n < n0 + nrows; n += 2) {
+        int pair = n + 1 < n0 + nrows;
+#define INTX_ROWS(nr) switch (rows) { \
+            case 1: intx_tile(c, n, nr, m0, 1, units); break; \
+            case 2: intx_tile(c, n, nr, m0, 2, units); break; \
+            case 3: intx_tile(c, n, nr, m0, 3, units); break; \
+            default: intx_tile(c, n, nr, m0, 4, units); break; \
         }
+        if (pair) INTX_ROWS(2) else INTX_ROWS(1)
+#undef INTX_ROWS
+    }
 }
 
 /* Weight-only linear y (M, N) = x (M, K) @ dequantized(W)^T + bias for few rows in one call (the weights are read once
