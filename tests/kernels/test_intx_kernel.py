@@ -173,5 +173,5 @@ def test_quantized_model_compiles_and_exports():
 
     model = nn.Sequential(nn.Linear(64, 24))
     lowbit.quantize_(model, lowbit.IntxWeightOnly(bits=3, group_size=32))
-    assert model[0].weight.packed_for == "intx"
+    assert model[0].weight.packed is not None  # packed for the avx512 kernel at quantize time
     assert_compiles_and_exports(model, torch.randn(2, 64), "lowbit.intx_gemv")
