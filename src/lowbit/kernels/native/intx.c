@@ -1,38 +1,52 @@
 /* Intx kernels: weights of 1..8-bit codes in bit planes -> the fused small-batch weight-only linear and a bf16
  * decode for the GEMM path.
  *
- * Planes (made once at quantize/load time by lowbit_intx_pack_planes): per weight row, ceil(K / 64) blocks of
- * 64 codes, each `bits` little-endian uint64 planes: bit j of plane p is bit p of the unsigned code of
- * k = 64c + j (codes past K are 0); 8 * bits bytes per block, as many as the canonical bit stream. Signed codes
- * are stored offset by 2^(bits-1), which the kernels subtract as an implied zero point. A block decodes to its
- * 64 codes as bytes in two instructions whatever the width (decode64), so time follows the bytes read.
+ * Planes (made once at quantize/load time by lowbit_intx_pack_planes): per weight row, ceil(K / 128) chunks of 128
+ * codes (codes past K are 0), each two blocks of 64 codes: block u holds the 4-code words 2i + u of the chunk, so
+ * byte p of block u is the code of k = 128c + 8 * (p / 4) + 4u + p % 4. A VNNI lane (4 bytes) of both blocks then
+ * covers 8 consecutive k, and a chunk's 16 lanes cover it in order: with groups of 32 or 64 each lane stays in one
+ * group, so one accumulator serves a chunk whatever the group size. A block is `bits` little-endian uint64 planes,
+ * bit j of plane p being bit p of byte j's unsigned code: 8 * bits bytes, as many as the canonical bit stream.
+ * Signed codes are stored offset by 2^(bits-1), which the kernels subtract as an implied zero point. A block
+ * decodes to its 64 codes in two instructions whatever the width (decode64), so time follows the bytes read.
  * Decoding needs AVX512-VBMI and GFNI (compiled for them here, called only where the CPU has them). */
 #include "common.h"
+#include <string.h>
 
 #define GFNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")))
 #define INTX_MR 4         /* activation rows sharing one decoded weight block */
 #define INTX_NR 4         /* weight rows of a tile for one or two activation rows */
 #define INTX_PREFETCH_ROWS 8 /* prefetch distance in weight rows: a tile's rows are adjacent, so this reads ahead of all */
 
+/* Chunk order -> k order: entry 64u + p of a 128-entry chunk holds k = 8 * (p / 4) + 4u + p % 4, i.e. 4-byte word
+ * 16u + i of the chunk is word 2i + u in k order (see the top). */
+static inline int64_t chunk_k(int64_t entry) {
+    int64_t u = entry / 64, p = entry % 64;
+    return 8 * (p / 4) + 4 * u + p % 4;
+}
+
 /* Canonical bit streams (N, ceil(K * bits / 8)), value j of a row in stream bits [j * bits, (j + 1) * bits) ->
- * planes (N, ceil(K / 64) * 8 * bits); flip (2^(bits-1) for signed codes, else 0) is XOR-ed into every code,
- * turning two's complement into offset binary. A 64-code block is 8 * bits whole bytes of the stream. */
+ * planes (N, ceil(K / 128) * 16 * bits); flip (2^(bits-1) for signed codes, else 0) is XOR-ed into every code,
+ * turning two's complement into offset binary. */
 void lowbit_intx_pack_planes(const uint8_t *stream, uint8_t *planes, int64_t N, int64_t K, int64_t bits, int flip,
                              int threads) {
-    int64_t blocks = (K + 63) / 64, stream_bytes = (K * bits + 7) / 8, mask = (1 << bits) - 1;
+    int64_t chunks = (K + 127) / 128, stream_bytes = (K * bits + 7) / 8, mask = (1 << bits) - 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *src = stream + n * stream_bytes;
-        uint64_t *dst = (uint64_t *)(planes + n * blocks * 8 * bits);
-        for (int64_t c = 0; c < blocks; c++) {
-            uint8_t codes[64] = {0};
-            for (int64_t j = 0; j < 64 && 64 * c + j < K; j++) {
-                int64_t bit = (64 * c + j) * bits, byte = bit / 8;
-                unsigned word = src[byte] | (byte + 1 < stream_bytes ? (unsigned)src[byte + 1] << 8 : 0u);
-                codes[j] = (uint8_t)(((word >> (bit % 8)) & mask) ^ flip);
+        uint64_t *dst = (uint64_t *)(planes + n * chunks * 16 * bits);
+        for (int64_t c = 0; c < chunks; c++) {
+            uint8_t codes[128];
+            for (int64_t e = 0; e < 128; e++) {
+                int64_t k = 128 * c + chunk_k(e), bit = k * bits, byte = bit / 8;
+                unsigned word = k < K ? src[byte] | (byte + 1 < stream_bytes ? (unsigned)src[byte + 1] << 8 : 0u) : 0u;
+                codes[e] = k < K ? (uint8_t)(((word >> (bit % 8)) & mask) ^ flip) : 0;
             }
-            __m512i v = _mm512_loadu_si512((const void *)codes);
-            for (int64_t p = 0; p < bits; p++) dst[c * bits + p] = _mm512_test_epi8_mask(v, _mm512_set1_epi8((char)(1 << p)));
+            for (int u = 0; u < 2; u++) {
+                __m512i v = _mm512_loadu_si512((const void *)(codes + 64 * u));
+                for (int64_t p = 0; p < bits; p++)
+                    dst[(2 * c + u) * bits + p] = _mm512_test_epi8_mask(v, _mm512_set1_epi8((char)(1 << p)));
+            }
         }
     }
 }
@@ -60,28 +74,47 @@ static void decode_tables(int64_t bits, __mmask64 *bytes, __m512i *gather, __mma
     *bytes = bits == 8 ? ~0ULL : (1ULL << (8 * bits)) - 1;
 }
 
-/* sum_g scale[g] * zero[g] * R[g] over one weight row's groups (zero == NULL: the implied zero point). */
-static inline float intx_zero_correction(const float *scale, const uint8_t *zero, float implied, const int32_t *R, int64_t groups) {
+/* acc + scale[g] * zero[g] * R[g] for the 16 groups g0 .. g0 + 15 selected by live (zero == NULL: the implied zero). */
+static inline __m512 zero_terms(__m512 acc, const float *scale, const uint8_t *zero, float implied, const float *R, int64_t g0,
+                                __mmask16 live) {
+    __m512 z = zero ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, zero + g0))) : _mm512_set1_ps(implied);
+    return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, scale + g0), z), _mm512_maskz_loadu_ps(live, R + g0), acc);
+}
+
+/* sum_g scale[g] * zero[g] * R[g] over one weight row's groups. */
+static inline float intx_zero_correction(const float *scale, const uint8_t *zero, float implied, const float *R, int64_t groups) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-        __mmask16 live = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-        __m512 z = zero ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, zero + g))) : _mm512_set1_ps(implied);
-        __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, scale + g), z);
-        acc = _mm512_fmadd_ps(sz, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, R + g)), acc);
-    }
+    int64_t g = 0;
+    for (; g + 16 <= groups; g += 16) acc = zero_terms(acc, scale, zero, implied, R, g, 0xFFFF);
+    if (g < groups) acc = zero_terms(acc, scale, zero, implied, R, g, (__mmask16)((1u << (groups - g)) - 1));
     return _mm512_reduce_add_ps(acc);
 }
 
-/* Activation row m -> its 16-bit split (common.h) as int8 halves a[m] = (hi, lo) of K64 = 64 * blocks entries
- * each, and R[m, g] = sum over group g of 256 * hi + lo. Entries past K stay unwritten: the codes they meet are 0. */
-static void split_row(const float *x, int8_t *a, int32_t *R, float *x_scale, int64_t m, int64_t K, int64_t K64, int64_t G) {
-    int8_t *hi = a + m * 2 * K64, *lo = hi + K64;
+/* Activation row m -> its 16-bit split (common.h) as int8 halves a[m] = (hi, lo) of K128 entries each, in chunk
+ * order (the weights' order, see the top), and R[m, g] = sum over group g of 256 * hi + lo (an integer below 2^24:
+ * exact in float). nat: 2 * K128 bytes of scratch for the halves in k order (zero past K, where the codes are 0 too). */
+static void split_row(const float *x, int8_t *a, float *R, float *x_scale, int64_t m, int64_t K, int64_t K128, int64_t G,
+                      int8_t *nat) {
+    int8_t *hi = nat, *lo = nat + K128;
+    memset(nat, 0, 2 * K128);
     split_row_16(x + m * K, hi, lo, x_scale + m, K, 0);
+    for (int half = 0; half < 2; half++) { /* 4-byte words: chunk word 16u + i <- k-order word 2i + u */
+        const int32_t *from = (const int32_t *)(nat + half * K128);
+        int32_t *to = (int32_t *)(a + (2 * m + half) * K128);
+        for (int64_t w = 0; w < K128 / 4; w++) to[w] = from[32 * (w / 32) + 2 * (w % 16) + (w % 32) / 16];
+    }
     for (int64_t g = 0; g < K / G; g++) {
         int32_t sum = 0;
         for (int64_t k = g * G; k < (g + 1) * G; k++) sum += 256 * hi[k] + lo[k];
-        R[m * (K / G) + g] = sum;
+        R[m * (K / G) + g] = (float)sum;
     }
+}
+
+/* The scales of a chunk's 128 / G groups (G = 32 or 64) in the low lanes; left: groups left in the row (fewer in the
+ * last chunk when K is not a multiple of 128). */
+static inline __m128 span_scales(const float *scale, int64_t G, int64_t left) {
+    if (left < 128 / G) return _mm_maskz_loadu_ps((__mmask8)((1u << left) - 1), scale);
+    return G == 32 ? _mm_loadu_ps(scale) : _mm_castpd_ps(_mm_load_sd((const double *)scale));
 }
 
 /* What every tile of one call shares. */
@@ -89,11 +122,11 @@ struct intx_call {
     const uint8_t *planes;
     const float *scale;
     const uint8_t *zero; /* NULL: the implied zero point */
-    const int8_t *a;     /* (M, 2, K64): hi and lo halves of each activation row */
-    const int32_t *R;    /* (M, groups) */
+    const int8_t *a;     /* (M, 2, K128): hi and lo halves of each activation row, in chunk order */
+    const float *R;      /* (M, groups) */
     const float *x_scale, *bias;
     float *y;
-    int64_t N, K, K64, G, groups, row_bytes, block_bytes, prefetch; /* prefetch: bytes ahead in the weights */
+    int64_t N, K, K128, G, groups, row_bytes, block_bytes, prefetch; /* prefetch: bytes ahead in the weights */
     float implied;
     __mmask64 bytes, plane_mask;
     __m512i gather;
@@ -103,18 +136,19 @@ struct intx_call {
  * span) are constants after inlining, so the loops unroll and the accumulators stay in registers:
  *   y[m, n] = x_scale[m] * (sum_g scale[n, g] * sum_{k in g} q[n, k] * (256 * hi[m, k] + lo[m, k])
  *                           - sum_g scale[n, g] * zero[n, g] * R[m, g]) + bias[n]
- * A span of k holds one group (G >= 64) or one 64-code block whose lanes 0-7 and 8-15 are two groups (G = 32):
- * its int32 sums (hi and lo halves apart) become float with the group scale. 256 * hi + lo fits int32: a lane
- * sums 4 * G / 64 products below 2^14 (codes < 2^7 times halves of magnitude <= 128), times 256 < 2^31 for G <= 256. */
+ * A span is one chunk of 128 codes (G <= 128: lane l in group (8l) / G of the chunk) or one group of 256: its int32
+ * sums (hi and lo halves apart) become float with the lanes' group scales. 256 * hi + lo fits int32: a lane sums
+ * at most 16 products below 2^14 (codes < 2^7 times halves of magnitude <= 128), times 256 < 2^31. */
 GFNI_TARGET static inline __attribute__((always_inline)) void intx_tile(const struct intx_call *c, int64_t n0, const int nr,
                                                                         int64_t m0, const int rows, const int units) {
-    const int64_t G = c->G, groups = c->groups, K64 = c->K64, span_bytes = units * c->block_bytes;
-    const int span_groups = G < 64 ? 2 : 1;
-    __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+    const int64_t G = c->G, groups = c->groups, K128 = c->K128, span_bytes = units * c->block_bytes;
+    const int span_groups = G < 128 ? (int)(128 / G) : 1;
+    __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16, 8, 0),
+                                           G == 32 ? 5 : 6); /* (8l) / G for G = 32 or 64 */
     const uint8_t *wrow[INTX_NR];
     const float *srow[INTX_NR];
     for (int j = 0; j < nr; j++) wrow[j] = c->planes + (n0 + j) * c->row_bytes, srow[j] = c->scale + (n0 + j) * groups;
-    const int8_t *arow = c->a + m0 * 2 * K64;
+    const int8_t *arow = c->a + m0 * 2 * K128;
     __m512 facc[INTX_MR][INTX_NR];
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < nr; j++) facc[r][j] = _mm512_setzero_ps();
@@ -128,8 +162,8 @@ GFNI_TARGET static inline __attribute__((always_inline)) void intx_tile(const st
             __m512i w[INTX_NR];
             for (int j = 0; j < nr; j++) w[j] = decode64(wrow[j] + u * c->block_bytes, c->bytes, c->gather, c->plane_mask);
             for (int r = 0; r < rows; r++) {
-                const int8_t *ah = arow + r * 2 * K64 + 64 * u;
-                __m512i vh = _mm512_loadu_si512((const void *)ah), vl = _mm512_loadu_si512((const void *)(ah + K64));
+                const int8_t *ah = arow + r * 2 * K128 + 64 * u;
+                __m512i vh = _mm512_loadu_si512((const void *)ah), vl = _mm512_loadu_si512((const void *)(ah + K128));
                 for (int j = 0; j < nr; j++) {
                     acc[r][j][0] = _mm512_dpbusd_epi32(acc[r][j][0], w[j], vh);
                     acc[r][j][1] = _mm512_dpbusd_epi32(acc[r][j][1], w[j], vl);
@@ -137,8 +171,8 @@ GFNI_TARGET static inline __attribute__((always_inline)) void intx_tile(const st
             }
         }
         for (int j = 0; j < nr; j++) {
-            __m512 s = G < 64 ? _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups - g > 1 ? 3 : 1, srow[j] + g))
-                              : _mm512_set1_ps(srow[j][g]);
+            __m512 s = G < 128 ? _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(span_scales(srow[j] + g, G, groups - g)))
+                               : _mm512_set1_ps(srow[j][g]);
             for (int r = 0; r < rows; r++) {
                 __m512i v = _mm512_add_epi32(_mm512_slli_epi32(acc[r][j][0], 8), acc[r][j][1]);
                 facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, facc[r][j]);
@@ -187,28 +221,27 @@ GFNI_TARGET void lowbit_intx_linear_small(const float *x, const uint8_t *planes,
                                           const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t bits,
                                           int threads) {
     if (M <= 0 || N <= 0) return; /* an empty batch */
-    int64_t blocks = (K + 63) / 64, K64 = 64 * blocks, row_bytes = blocks * 8 * bits;
-    int8_t *a = (int8_t *)aligned_alloc(64, 2 * M * K64);
-    int32_t *R = (int32_t *)malloc(sizeof(int32_t) * M * (K / G));
+    int64_t chunks = (K + 127) / 128, K128 = 128 * chunks, row_bytes = chunks * 16 * bits;
+    int8_t *a = (int8_t *)aligned_alloc(64, 2 * M * K128);
+    float *R = (float *)malloc(sizeof(float) * M * (K / G));
     float *x_scale = (float *)malloc(sizeof(float) * M);
     struct intx_call c = {.planes = planes, .scale = scale, .zero = zero, .a = a, .R = R, .x_scale = x_scale, .bias = bias,
-                          .y = y, .N = N, .K = K, .K64 = K64, .G = G, .groups = K / G, .row_bytes = row_bytes,
+                          .y = y, .N = N, .K = K, .K128 = K128, .G = G, .groups = K / G, .row_bytes = row_bytes,
                           .block_bytes = 8 * bits, .prefetch = INTX_PREFETCH_ROWS * row_bytes, .implied = (float)(1 << (bits - 1))};
     decode_tables(bits, &c.bytes, &c.gather, &c.plane_mask);
 #pragma omp parallel num_threads(threads)
     {
+        int8_t *nat = (int8_t *)malloc(2 * K128);
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) split_row(x, a, R, x_scale, m, K, K64, G);
+        for (int64_t m = 0; m < M; m++) split_row(x, a, R, x_scale, m, K, K128, G, nat);
+        free(nat);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < (N + INTX_NR - 1) / INTX_NR; p++) { /* weight rows INTX_NR * p ... */
             int64_t n0 = INTX_NR * p, nrows = N - n0 < INTX_NR ? N - n0 : INTX_NR;
             for (int64_t m0 = 0; m0 < M; m0 += INTX_MR) {
                 int64_t rows = M - m0 < INTX_MR ? M - m0 : INTX_MR;
-                switch (G) {
-                    case 256: intx_tiles(&c, n0, nrows, m0, rows, 4); break;
-                    case 128: intx_tiles(&c, n0, nrows, m0, rows, 2); break;
-                    default: intx_tiles(&c, n0, nrows, m0, rows, 1); break; /* 32 (two groups per block) or 64 */
-                }
+                if (G == 256) intx_tiles(&c, n0, nrows, m0, rows, 4);
+                else intx_tiles(&c, n0, nrows, m0, rows, 2);
             }
         }
     }
@@ -218,28 +251,38 @@ GFNI_TARGET void lowbit_intx_linear_small(const float *x, const uint8_t *planes,
 }
 
 /* Rows [row0, row0 + rows) of planes -> bfloat16 rows of K in out: w = (q - zero) * scale rounded half to even
- * (zero NULL: the implied 2^(bits-1)). G is a multiple of 32, so 16 consecutive codes share a group. */
+ * (zero NULL: the implied 2^(bits-1)). A chunk's two blocks interleave back into k order 4-byte word by word; G is a
+ * multiple of 32, so 16 consecutive codes share a group. */
 GFNI_TARGET void lowbit_intx_rows_to_bf16(const uint8_t *planes, const float *scale, const uint8_t *zero, uint16_t *out,
                                           int64_t K, int64_t G, int64_t bits, int64_t row0, int64_t rows, int threads) {
-    int64_t blocks = (K + 63) / 64, block_bytes = 8 * bits, row_bytes = blocks * block_bytes, groups = K / G;
+    int64_t chunks = (K + 127) / 128, block_bytes = 8 * bits, row_bytes = chunks * 2 * block_bytes, groups = K / G;
     float implied = (float)(1 << (bits - 1));
     __mmask64 bytes, plane_mask;
     __m512i gather;
     decode_tables(bits, &bytes, &gather, &plane_mask);
+    int order[2][16]; /* k-order word w of each half of a chunk: word w / 2 of block w % 2 (block 1 at index 16) */
+    for (int h = 0; h < 2; h++)
+        for (int w = 0; w < 16; w++) order[h][w] = 16 * (w % 2) + 8 * h + w / 2;
+    __m512i interleave[2] = {_mm512_loadu_si512((const void *)order[0]), _mm512_loadu_si512((const void *)order[1])};
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         int64_t n = row0 + r;
         const float *sr = scale + n * groups;
         const uint8_t *zr = zero ? zero + n * groups : NULL;
-        for (int64_t c = 0; c < blocks; c++) {
-            __m512i codes = decode64(planes + n * row_bytes + c * block_bytes, bytes, gather, plane_mask);
-            __m128i part[4] = {_mm512_extracti32x4_epi32(codes, 0), _mm512_extracti32x4_epi32(codes, 1),
-                               _mm512_extracti32x4_epi32(codes, 2), _mm512_extracti32x4_epi32(codes, 3)};
-            for (int q = 0; q < 4 && 64 * c + 16 * q < K; q++) {
-                int64_t k = 64 * c + 16 * q, g = k / G;
-                __m512 z = _mm512_set1_ps(zr ? (float)zr[g] : implied);
-                __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[q])), z), _mm512_set1_ps(sr[g]));
-                _mm256_storeu_si256((__m256i *)(out + r * K + k), to_bf16(w));
+        for (int64_t c = 0; c < chunks; c++) {
+            const uint8_t *chunk = planes + n * row_bytes + c * 2 * block_bytes;
+            __m512i b0 = decode64(chunk, bytes, gather, plane_mask), b1 = decode64(chunk + block_bytes, bytes, gather, plane_mask);
+            for (int h = 0; h < 2; h++) {
+                __m512i codes = _mm512_permutex2var_epi32(b0, interleave[h], b1); /* k 128c + 64h .. + 63 */
+                __m128i part[4] = {_mm512_extracti32x4_epi32(codes, 0), _mm512_extracti32x4_epi32(codes, 1),
+                                   _mm512_extracti32x4_epi32(codes, 2), _mm512_extracti32x4_epi32(codes, 3)};
+                for (int q = 0; q < 4 && 128 * c + 64 * h + 16 * q < K; q++) {
+                    int64_t k = 128 * c + 64 * h + 16 * q, g = k / G;
+                    __m512 z = _mm512_set1_ps(zr ? (float)zr[g] : implied);
+                    __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[q])), z),
+                                             _mm512_set1_ps(sr[g]));
+                    _mm256_storeu_si256((__m256i *)(out + r * K + k), to_bf16(w));
+                }
             }
         }
     }
