@@ -122,8 +122,8 @@ def test_bf16_input(rows):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_group_sums_do_not_overflow(sign):
-    """The largest codes (7 bits) in the largest groups (256) times activations at the split's ends: every int32 lane
-    sum is at its largest, and the result is still the exact dot product (up to float rounding)."""
+    """The largest codes (7 bits) times activations at the split's ends in groups of 256: every int32 lane sum of a
+    chunk is at its largest, and the result is still the exact dot product (up to float rounding)."""
     codes = torch.full((N, 512), 127)
     tensors, meta, codes_and_zeros, weight = canonical(7, False, N, 512, 256, codes=codes)
     tensors["zero_point"].zero_()
@@ -145,15 +145,15 @@ def test_weight_packed_along_dim0_packs_to_the_same_planes():
 
 
 def test_planes_hold_bit_p_of_each_offset_code():
-    """Golden layout: a chunk of 128 codes is two blocks, block u holding the 4-code words 2i + u (byte p: k = 8 * (p // 4)
+    """Golden layout: a chunk of 256 codes is four blocks, block u holding the 4-code words 4i + u (byte p: k = 16 * (p // 4)
     + 4u + p % 4); plane p of a block is bit p of each code, signed codes offset by 2^(bits-1). K = 96 ends inside the
     chunk, whose codes past K are 0 (the GEMV multiplies them with whatever its activation buffer holds there)."""
     q = torch.arange(96).remainder(8).sub(4).reshape(1, 96).to(torch.int8)  # int3 codes -4..3 repeating
     tensors, meta, _, _ = canonical(3, True, 1, 96, 32, codes=q)
-    planes = pack_planes(tensors, meta)["packed"].view(torch.int64).reshape(2, 3)  # two blocks of three planes
-    unsigned = torch.cat([q.flatten().long() + 4, torch.zeros(32, dtype=torch.long)])  # 0..7 repeating, then padding
-    for block in range(2):
-        codes = [int(unsigned[8 * (j // 4) + 4 * block + j % 4]) for j in range(64)]
+    planes = pack_planes(tensors, meta)["packed"].view(torch.int64).reshape(4, 3)  # four blocks of three planes
+    unsigned = torch.cat([q.flatten().long() + 4, torch.zeros(160, dtype=torch.long)])  # 0..7 repeating, then padding
+    for block in range(4):
+        codes = [int(unsigned[16 * (j // 4) + 4 * block + j % 4]) for j in range(64)]
         for p in range(3):
             expected = sum(((code >> p) & 1) << j for j, code in enumerate(codes))
             assert planes[block, p].item() & (2**64 - 1) == expected

@@ -2,7 +2,7 @@
 
 Packing (once per weight, :func:`pack_planes`) turns each row's bit stream into bit planes: per 64 codes, ``bits``
 64-bit masks, plane p holding bit p of the 64 unsigned codes (signed codes offset by 2^(bits-1), an implied zero
-point), the codes of each 128 ordered so that a VNNI lane stays within a group of 32 or 64 (native/intx.c). A
+point), the codes of each 256 ordered so that a VNNI lane stays within one group (native/intx.c). A
 64-code block then decodes in two instructions whatever the width (a byte permute and a GF(2) affine bit
 transpose, AVX512-VBMI + GFNI), so the few-row GEMV reads ``bits`` / 8 bytes per weight and its time falls with
 the width. Few rows: one fused C call on a per-token 16-bit split of the activation (two int8 halves,
@@ -57,12 +57,12 @@ def _row_streams(tensors, meta) -> torch.Tensor:
 
 
 def pack_planes(tensors, meta) -> dict:
-    """The canonical bit stream of an (N, K) intx weight -> ``{"packed": planes}``, uint8 (N, ceil(K / 128) * 16 * bits)
-    (as many bytes as the stream, up to the zero codes padding K to a multiple of 128)."""
+    """The canonical bit stream of an (N, K) intx weight -> ``{"packed": planes}``, uint8 (N, ceil(K / 256) * 32 * bits)
+    (as many bytes as the stream, up to the zero codes padding K to a multiple of 256)."""
     qt = get_qtype(meta["qtype"])
     n, k = meta["shape"]
     streams = _row_streams(tensors, meta)
-    planes = torch.empty(n, -(-k // 128) * 16 * qt.bits, dtype=torch.uint8)
+    planes = torch.empty(n, -(-k // 256) * 32 * qt.bits, dtype=torch.uint8)
     flip = 1 << (qt.bits - 1) if qt.qmin < 0 else 0  # two's complement -> offset binary
     _lib().lowbit_intx_pack_planes(streams.data_ptr(), planes.data_ptr(), n, k, qt.bits, flip, torch.get_num_threads())
     return {"packed": planes}
@@ -72,7 +72,7 @@ def pack_planes(tensors, meta) -> dict:
 def intx_gemv(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, group_size: int, bits: int) -> torch.Tensor:
     """Weight-only intx for a few rows, float32 (M, N), in one C call: a 16-bit split of x (M, K), VNNI
-    products on the bit planes (N, ceil(K / 128) * 16 * bits), group scales (N, K / G), zero points (uint8
+    products on the bit planes (N, ceil(K / 256) * 32 * bits), group scales (N, K / G), zero points (uint8
     (N, K / G), or the implied 2^(bits-1) of signed codes when None) and bias."""
     x = x.contiguous().float()
     (m, k), n = x.shape, planes.shape[0]
