@@ -47,7 +47,7 @@ def test_onednn_conv_matches_reference_kernel(make, shape, symmetric):
     fast = _static(copy.deepcopy(float_model), shape, lowbit.StaticInt8(act_symmetric=symmetric, smoothing=None))
     torch.manual_seed(0)
     ref = _static(copy.deepcopy(float_model), shape, lowbit.StaticInt8(act_symmetric=symmetric, smoothing=None, kernel="reference"))
-    assert fast[0].weight.weight.packed_for == "int8_static"
+    assert fast[0].weight.weight.packed_for == ("int8_static", "onednn")
     assert fast[0].weight.weight.packed.layout == torch._mkldnn  # oneDNN's layout, made at convert
     assert ref[0].weight.weight.packed is None
     x = torch.randn(shape) * 1.5  # values past the calibrated range saturate the same way
