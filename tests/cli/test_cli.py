@@ -139,7 +139,7 @@ def test_the_plot_labels_stay_inside_the_axes_and_apart(tmp_path):
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
-@pytest.mark.parametrize("config", ["int8-weight-only", "static-int8"])
+@pytest.mark.parametrize("config", ["int8-weight-only", "int3-weight-only", "static-int8"])
 def test_quantize_then_inspect(config, tiny_bert, tmp_path, capsys):
     out = tmp_path / "quantized"
     argv = ["quantize", str(tiny_bert), "--config", config, "-o", str(out)]
@@ -153,12 +153,16 @@ def test_quantize_then_inspect(config, tiny_bert, tmp_path, capsys):
 
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    scheme = "int8_static" if config == "static-int8" else "int8"
-    assert f"{scheme} x13" in text and "BertModel" in text
+    scheme = {"static-int8": "int8_static", "int3-weight-only": "intx"}.get(config, "int8")
+    spec = lowbit.configs.NAMED_CONFIGS[config].spec()
+    assert f"{scheme} x13" in text and "BertModel" in text and f"specs: {lowbit.specs.describe_spec(spec)} x13" in text
     assert any(line.startswith("encoder.layer.1.output.dense.weight ") and f" {scheme} " in line for line in text.splitlines())
 
     model = lowbit.load_pretrained(out)
     assert isinstance(model.encoder.layer[0].attention.self.query.weight, lowbit.QuantizedTensor)
+    assert model.encoder.layer[0].attention.self.query.lowbit_spec == spec
+    reference = lowbit.load_pretrained(out, kernel="reference").encoder.layer[0].attention.self.query.weight
+    assert getattr(reference, "weight", reference).kernel == "reference"
 
 
 def test_inspect_json_is_describe(tiny_bert, tmp_path, capsys):

@@ -32,7 +32,8 @@ def _linear_rows(profile: Profile, echo: Echo) -> list[dict]:
     for name, config in configs.items():
         models[name] = (lowbit.quantize_(copy.deepcopy(base), config), x)
     calls = {name: Timed(lambda m=m, x=x: m(x)) for name, (m, x) in models.items()}
-    timings = interleaved_ms(calls, rounds=profile.rounds, target_s=profile.target_s)
+    # 3x the profile's rounds: sub-millisecond calls on a shared machine need them for a stable median (cheap here)
+    timings = interleaved_ms(calls, rounds=3 * profile.rounds, target_s=profile.target_s)
     rows = []
     for name in configs:
         t = timings[name]

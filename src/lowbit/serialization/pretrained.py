@@ -53,12 +53,12 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def load_pretrained(directory: str | os.PathLike) -> nn.Module:
+def load_pretrained(directory: str | os.PathLike, kernel: str = "auto") -> nn.Module:
     """Rebuild a transformers model saved with :func:`lowbit.save` as a directory, in eval mode.
 
     The model class recorded in the header is looked up by name in the ``transformers`` module only,
     built from the directory's ``config.json`` with parameters on the meta device, and filled by
-    :func:`lowbit.load`.
+    :func:`lowbit.load` with the kernel preference ``kernel``.
 
     Raises:
         NotADirectoryError: ``directory`` is a file (a single ``.safetensors`` file loads with
@@ -100,4 +100,4 @@ def load_pretrained(directory: str | os.PathLike) -> nn.Module:
         model = cls(config)
     if (directory / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
-    return load(model, directory).eval()
+    return load(model, directory, kernel=kernel).eval()
