@@ -27,9 +27,19 @@ from ..tensors.blockwise import PACKED_NAMES, BlockQuantizedTensor, with_packing
 from ..tensors.schemes import SCHEMES, get_scheme, scheme_for
 from .container import CheckpointError, StoredTensor, shown
 
-BLOCK_CLASSES = {scheme.tensor.__name__: scheme.tensor for scheme in SCHEMES.values()}  # the registered schemes' classes
 WRAPPER_CLASSES = {cls.__name__: cls for cls in WRAPPERS.values()}
-CLASSES = {**BLOCK_CLASSES, **WRAPPER_CLASSES}
+
+
+def block_classes() -> dict[str, type]:
+    """The weight tensor classes of the registered schemes, by name (read at each use: registering a scheme
+    makes its tensors savable and loadable)."""
+    return {scheme.tensor.__name__: scheme.tensor for scheme in SCHEMES.values()}
+
+
+def classes() -> dict[str, type]:
+    """Every class a header entry may name."""
+    return {**block_classes(), **WRAPPER_CLASSES}
+
 META_DATACLASSES = {"ActivationQuant": ActivationQuant}
 RUNTIME_META = ("kernel",)  # chosen where the model runs: files of format 1 hold it, later ones do not
 FLOAT_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
@@ -52,8 +62,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 # -- encoding ----------------------------------------------------------------------------------
 def encode(t: QuantizedTensor, name: str, out: dict[str, torch.Tensor]) -> dict:
     """The header entry of ``t``; its inner tensors (canonical layout) are added to ``out`` by file name."""
-    if CLASSES.get(type(t).__name__) is not type(t):
-        raise ValueError(f"{name}: lowbit.save writes the lowbit classes {sorted(CLASSES)}; received {type(t).__name__}")
+    known = classes()
+    if known.get(type(t).__name__) is not type(t):
+        raise ValueError(f"{name}: lowbit.save writes the lowbit classes {sorted(known)}; received {type(t).__name__}")
     if isinstance(t, BlockQuantizedTensor):
         t = t.canonical()
     entry = {
@@ -164,7 +175,7 @@ def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str],
     the presence, shape and dtype of each inner tensor); file tensors it uses are added to ``claimed``. The
     node's tensors will prefer ``kernel`` (a run-time choice: a format-1 file's kernel field is not used)."""
     where = f"tensor {name!r}"
-    allowed = BLOCK_CLASSES if inner else CLASSES
+    allowed = block_classes() if inner else classes()
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: expected a JSON object as header entry; received {shown(entry)}")
     optional = () if inner else TOP_FIELDS
