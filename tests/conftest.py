@@ -13,8 +13,18 @@ ALL_CONFIGS = [
     lowbit.Float8WeightOnly(),
     lowbit.Float8DynamicActivation(),
     lowbit.Float8DynamicActivation(granularity="per_tensor"),
+    lowbit.IntxWeightOnly(bits=3),
+    lowbit.IntxWeightOnly(bits=5, group_size=64, symmetric=True),
 ]
 WEIGHT_ONLY_CONFIGS = [c for c in ALL_CONFIGS if c.supports_embedding]
+
+
+def low_bit_error_bound(config, int4_bound: float, default: float) -> float:
+    """A relative output error bound for weights below 8 bits: ``int4_bound`` at 4 bits and above (more bits only
+    shrink the rounding step), doubling with each bit fewer (the rounding step of a group doubles per bit taken
+    away); ``default`` for 8-bit and float8 configs."""
+    bits = 4 if isinstance(config, lowbit.Int4WeightOnly) else getattr(config, "bits", None)
+    return default if bits is None else int4_bound * 2.0 ** max(0, 4 - bits)
 
 
 @pytest.fixture(params=["cpu", "cuda"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ALL_CONFIGS, MLP, WEIGHT_ONLY_CONFIGS, config_id, relative_error
+from conftest import ALL_CONFIGS, MLP, WEIGHT_ONLY_CONFIGS, config_id, low_bit_error_bound, relative_error
 
 import lowbit
 
@@ -59,7 +59,7 @@ def test_every_config_quantizes_and_stays_close(config, device):
                 error = (layer(inputs) - F.linear(inputs, weight, layer.bias)).abs()
                 assert (error <= _int8_error_bound(config, inputs, weight)).all()
     else:
-        assert relative_error(model(x), expected) < (0.15 if isinstance(config, lowbit.Int4WeightOnly) else 0.05)
+        assert relative_error(model(x), expected) < low_bit_error_bound(config, 0.15, 0.05)
 
 
 def test_configs_are_frozen_and_importable():
@@ -174,7 +174,7 @@ def test_embedding_only_with_weight_only_configs():
         quantized = lowbit.quantize_(copy.deepcopy(model), config, filter_fn=pick_all)
         idx = torch.randint(0, 100, (2, 5))
         assert isinstance(quantized[0].weight, lowbit.QuantizedTensor)
-        assert relative_error(quantized(idx), model(idx)) < 0.15
+        assert relative_error(quantized(idx), model(idx)) < low_bit_error_bound(config, 0.15, 0.15)
 
 
 def test_module_without_weight_is_rejected():

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ALL_CONFIGS, MLP, WEIGHT_ONLY_CONFIGS, config_id, relative_error
+from conftest import ALL_CONFIGS, MLP, WEIGHT_ONLY_CONFIGS, config_id, low_bit_error_bound, relative_error
 
 import lowbit
 from lowbit.configs import NAMED_CONFIGS, STATIC_CONFIGS, config_from_name
@@ -15,13 +15,6 @@ MAIN_CONFIGS = [config_from_name(name, group_size=32 if name == "int4-weight-onl
                 for name, config in NAMED_CONFIGS.items()
                 if not isinstance(config, STATIC_CONFIGS) and name not in ("int2-weight-only", "int5-weight-only",
                                                                            "int6-weight-only", "int7-weight-only")]
-
-
-def weight_error_bound(config) -> float:
-    """Relative output error allowed at half precision: 0.06 for 8-bit weights, 0.15 for int4, doubling with
-    each bit fewer (the rounding step of a group doubles)."""
-    bits = {lowbit.Int4WeightOnly: 4, lowbit.IntxWeightOnly: getattr(config, "bits", 8)}.get(type(config), 8)
-    return 0.06 if bits == 8 else 0.15 * 2 ** (4 - bits)
 
 
 @pytest.mark.parametrize("config", MAIN_CONFIGS, ids=config_id)
@@ -116,7 +109,7 @@ def test_half_precision_models(config, dtype, device):
     half = lowbit.quantize_(copy.deepcopy(model).to(dtype), config)
     out = half(x.to(dtype))
     assert out.dtype == dtype and half.fc1.weight.dtype == dtype
-    assert relative_error(out, reference) < weight_error_bound(config)
+    assert relative_error(out, reference) < low_bit_error_bound(config, 0.15, 0.06)
     moved = lowbit.quantize_(copy.deepcopy(model), config).to(dtype)  # quantize first, then .to(dtype)
     assert moved.fc1.weight.dtype == dtype and type(moved.fc1.weight) is type(half.fc1.weight)
     assert moved(x.to(dtype)).dtype == dtype

@@ -106,3 +106,14 @@ def test_input_features_not_a_multiple_of_the_group_leave_the_model_unchanged():
     with pytest.raises(ValueError, match="group_size=32.*multiple of 32.*\\(40, 8\\)"):
         lowbit.quantize_(model, lowbit.IntxWeightOnly(bits=3))
     assert all(type(p) is nn.Parameter and torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_slices_along_the_packed_dim_cut_whole_bytes(bits):
+    """Group boundaries along the bit stream fall on byte boundaries (a group of 32 holds 4 * bits bytes)."""
+    layer = lowbit.quantize_(nn.Sequential(nn.Linear(128, 6)), lowbit.IntxWeightOnly(bits=bits, kernel="reference"))[0]
+    part = layer.weight[:, 32:96]
+    assert tuple(part.qdata.shape) == (6, 64 * bits // 8)
+    assert torch.equal(part.dequantize(), layer.weight.dequantize()[:, 32:96])
+    with pytest.raises(NotImplementedError, match="multiples of its block size 32"):
+        layer.weight[:, 8:40]

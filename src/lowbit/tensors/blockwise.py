@@ -263,12 +263,13 @@ def sliced(self: BlockQuantizedTensor, dim: int, start: int | None, end: int | N
         )
     index = [slice(None)] * self.dim()
 
-    def cut(t: torch.Tensor, step: int) -> torch.Tensor:
-        index[dim] = slice(start // step, -(-end // step))
+    def cut(t: torch.Tensor, num: int, den: int) -> torch.Tensor:
+        """Entries [start * num / den, ceil(end * num / den)) of t along dim (num / den entries per element)."""
+        index[dim] = slice(start * num // den, -(-end * num // den))
         return t[tuple(index)]
 
-    fields = {n: cut(t, block) for n, t in self.fields().items() if n != "qdata"}
-    fields["qdata"] = cut(self.qdata, 2 if dim == self.packed_dim else 1)
+    fields = {n: cut(t, 1, block) for n, t in self.fields().items() if n != "qdata"}
+    fields["qdata"] = cut(self.qdata, get_qtype(self.qtype).bits, 8) if dim == self.packed_dim else cut(self.qdata, 1, 1)
     shape = list(self.shape)
     shape[dim] = end - start
     return self.rebuild(**fields, shape=shape)
