@@ -41,6 +41,7 @@ def test_registered_schemes_describe_themselves():
         "int8": ("int8", "none"), "int8_dynamic": ("int8", "dynamic"), "int8_static": ("int8", "static")}
     assert scheme_for("float8", "static").name == "float8_static" and get_scheme("intx").bits == (2, 3, 4, 5, 6, 7)
     assert get_scheme("int8_static").ops == ("linear", "conv") and get_scheme("int4").ops == ("linear", "bmm", "embedding")
+    assert get_scheme("int4").stored_fields == ("qdata", "scale", "zero_point")
     with pytest.raises(ValueError, match="'int4' weights have no 'dynamic' activation scheme; registered: \\['none'\\]"):
         scheme_for("int4", "dynamic")
     with pytest.raises(ValueError, match="scheme 'test_int6_rows' is already registered"):

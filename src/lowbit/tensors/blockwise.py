@@ -37,6 +37,7 @@ class BlockQuantizedTensor(QuantizedTensor):
     # (a weight applied as ``x @ W``, such as transformers' Conv1D: see :func:`transposed`)
     optional_meta_names = ("groups", "packed_for", "packed_transposed")
     scheme: ClassVar[str] = "block"
+    packed_names: ClassVar[tuple[str, ...]] = PACKED_NAMES  # fields made by a kernel's pack(), never stored
 
     @classmethod
     def from_spec(cls, w: torch.Tensor, spec: WeightSpec, block_size: Sequence[int], *, kernel: str = "auto",

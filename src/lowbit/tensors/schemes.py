@@ -46,6 +46,12 @@ class Scheme:
         """The bit widths of its qtypes."""
         return tuple(sorted({get_qtype(q).bits for q in self.qtypes}))
 
+    @property
+    def stored_fields(self) -> tuple[str, ...]:
+        """The weight's inner tensors a checkpoint holds (its canonical layout: no kernel-packed fields)."""
+        names = self.tensor.tensor_names + self.tensor.optional_tensor_names
+        return tuple(n for n in names if n not in self.tensor.packed_names)
+
 
 _SCHEMES: dict[str, Scheme] = {}
 _BY_PARTS: dict[tuple[str, str], Scheme] = {}
