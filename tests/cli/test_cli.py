@@ -88,14 +88,17 @@ def test_demo_on_a_subset_writes_table_json_and_png(tmp_path, capsys):
     assert main(["demo", "--configs", "int8-weight-only", "--sentences", "40", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("config"))
-    assert header.split()[:5] == ["config", "quantized", "MB", "ms", "spread"]
+    assert header.split()[:9] == ["config", "quantized", "MB", "ms", "spread", "vs", "fp32", "vs", "bf16"]
     assert any(line.startswith("int8-weight-only ") and " Linear " in line for line in out.splitlines())
     assert "embeddings stay float32 (--embeddings" in out
     report = json.loads((tmp_path / "demo.json").read_text())
-    assert [row["name"] for row in report["rows"]] == ["fp32", "int8-weight-only"]
+    assert [row["name"] for row in report["rows"]] == ["fp32", "bf16", "int8-weight-only"]
     assert report["sentences"] == 40 and report["queries"] == 10 and report["embeddings"] is False
-    fp32, int8 = report["rows"]
+    fp32, bf16, int8 = report["rows"]
     assert fp32["speedup"] == 1.0 and fp32["cos_min"] == pytest.approx(1.0, abs=1e-5)
+    assert bf16["speedup_bf16"] == 1.0 and bf16["speedup"] == pytest.approx(fp32["ms"] / bf16["ms"])
+    assert 0.999 < bf16["cos_min"] < 1.0 and bf16["size_mb"] == pytest.approx(fp32["size_mb"] / 2, rel=1e-3)
+    assert int8["speedup_bf16"] == pytest.approx(bf16["ms"] / int8["ms"])
     assert int8["size_mb"] < 0.7 * fp32["size_mb"]  # every nn.Linear at 1 byte per weight; embeddings stay float
     assert int8["cos_min"] > 0.99 and 0.8 <= int8["top1_agreement"] <= 1.0 and int8["ms"] > 0
     assert all(row["spread"] >= 0 for row in report["rows"])
@@ -116,7 +119,7 @@ def test_demo_embeddings_quantizes_them_where_the_config_allows_and_warns_when_b
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "lowbit demo: warning: the machine was busy: latency varied by" in captured.err
-    fp32, weight_only, dynamic = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    fp32, _, weight_only, dynamic = json.loads((tmp_path / "demo.json").read_text())["rows"]
     assert (weight_only["quantized"], dynamic["quantized"]) == ("Linear, Embedding", "Linear")
     assert weight_only["size_mb"] < 0.3 * fp32["size_mb"] < dynamic["size_mb"]  # int8 embeddings too: 1 byte per weight
     assert fp32["spread"] > 0.5

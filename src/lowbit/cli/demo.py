@@ -1,4 +1,4 @@
-"""``lowbit demo``: quantize the embedded all-MiniLM-L6-v2 with every config and compare it with fp32.
+"""``lowbit demo``: quantize the embedded all-MiniLM-L6-v2 with every config and compare it with fp32 and bf16.
 
 Size (parameters, quantized storage counted as stored), latency (median over rounds in which the models
 take turns, batch 1, sequence 128; the spread of the rounds says how busy the machine was), accuracy
@@ -30,6 +30,7 @@ SEQUENCE = 128
 LATENCY_ROUNDS = 15
 LATENCY_ROUND_S = 0.03  # each model's share of a round
 MIN_SENTENCES = 8  # a quarter are queries, the rest the corpus
+BASELINES = (("fp32", torch.float32), ("bf16", torch.bfloat16))  # the float models every row is compared with
 
 COLUMNS = [
     ("config", lambda r: r["name"], ""),
@@ -37,7 +38,8 @@ COLUMNS = [
     ("MB", lambda r: r["size_mb"], ".1f"),
     ("ms", lambda r: r["ms"], ".2f"),
     ("spread", lambda r: f"{100 * r['spread']:.0f}%", ">"),
-    ("speed-up", lambda r: f"{r['speedup']:.2f}x", ">"),
+    ("vs fp32", lambda r: f"{r['speedup']:.2f}x", ">"),
+    ("vs bf16", lambda r: f"{r['speedup_bf16']:.2f}x", ">"),
     ("cos min", lambda r: r["cos_min"], ".4f"),
     ("cos mean", lambda r: r["cos_mean"], ".4f"),
     ("top-1 agree", lambda r: f"{100 * r['top1_agreement']:.1f}%", ">"),
@@ -48,7 +50,8 @@ COLUMNS = [
 def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "demo", parents=[parent], help="quantize the embedded all-MiniLM-L6-v2 with every config; table, plot, JSON",
-        description="Quantize the embedded all-MiniLM-L6-v2 with every config and compare it with fp32: size, latency "
+        description="Quantize the embedded all-MiniLM-L6-v2 with every config and compare it with fp32 and bf16 (the "
+                    "model.to(torch.bfloat16) a user could pick instead): size, latency "
                     "(batch 1, sequence 128, models taking turns), cosine of sentence embeddings and retrieval top-1 agreement on "
                     "standard-library docstring sentences. Prints a table, writes demo.png and demo.json.",
     )
@@ -81,14 +84,15 @@ def run(args: argparse.Namespace) -> int:
                                    return_tensors="pt"))  # (1, 128)
     queries = len(sentences) // 4
 
-    steps = tqdm([("fp32", None)] + specs, desc="quantize and embed", unit="config", file=sys.stderr)
+    steps = tqdm(list(BASELINES) + specs, desc="quantize and embed", unit="config", file=sys.stderr)
     models, rows = _quantize_and_embed(base, tokenizer, steps, sentences, queries, calibration, args.embeddings)
     calls = {name: (lambda model=model: model(**latency_input)) for name, model in models.items()}
     latency = interleaved_ms(calls, rounds=LATENCY_ROUNDS, target_s=LATENCY_ROUND_S,
                              progress=lambda it: tqdm(it, desc="latency", unit="round", file=sys.stderr))
     for row in rows:
         timing = latency[row["name"]]
-        row.update(ms=timing.ms, spread=timing.spread, speedup=latency["fp32"].ms / timing.ms)
+        row.update(ms=timing.ms, spread=timing.spread, speedup=latency["fp32"].ms / timing.ms,
+                   speedup_bf16=latency["bf16"].ms / timing.ms)
 
     host = machine()
     print(f"all-MiniLM-L6-v2 on {host}")
@@ -115,15 +119,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _quantize_and_embed(base, tokenizer, steps, sentences: list[str], queries: int, calibration: list[dict], embeddings: bool):
-    """Quantize a copy of ``base`` per step (``(name, None)`` is the fp32 model itself) and measure its
-    size and accuracy against the first step; return ``({name: model}, rows)``."""
+    """Quantize a copy of ``base`` per step (a baseline step ``(name, dtype)`` is the float model in that dtype: fp32
+    is ``base`` itself) and measure its size and accuracy against the first step; return ``({name: model}, rows)``."""
     from ..embedded import embed
 
     models, rows, reference = {}, [], None
     for name, config in steps:
         steps.set_postfix_str(name)
         model, quantize_s, layers = base, 0.0, ()
-        if config is not None:
+        if isinstance(config, torch.dtype):
+            model, config = (base if config == torch.float32 else copy.deepcopy(base).to(config)), None
+        else:
             layers = (nn.Linear, nn.Embedding) if embeddings and config.supports_embedding else (nn.Linear,)
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
@@ -133,7 +139,7 @@ def _quantize_and_embed(base, tokenizer, steps, sentences: list[str], queries: i
         reference = embedded if reference is None else reference
         cosine = (embedded * reference).sum(-1)  # (N,)
         models[name] = model
-        rows.append(dict(name=name, config=config.label() if config else "float32", size_mb=parameter_megabytes(model),
+        rows.append(dict(name=name, config=config.label() if config else name, size_mb=parameter_megabytes(model),
                          quantized=", ".join(layer.__name__ for layer in layers) or "-",
                          cos_min=float(cosine.min()), cos_mean=float(cosine.mean()),
                          top1_agreement=float((_top1(embedded, queries) == _top1(reference, queries)).float().mean()),
