@@ -48,13 +48,9 @@ class QuantConfig:
         changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
         return f"{type(self).__name__}({', '.join(changed)})"
 
-    def group_size_for(self, in_features: int) -> int | None:
-        """The block length along the reduction dim (None: the whole row)."""
-        return self.spec().weight.group_size
-
     def check_weight(self, weight: torch.Tensor, name: str) -> None:
         """Raise ValueError if this config cannot quantize ``weight`` (nothing is changed)."""
-        group = self.group_size_for(weight.shape[-1])
+        group = self.spec().weight.group_size
         if group is not None and weight.shape[-1] % group:
             raise ValueError(
                 f"{type(self).__name__}(group_size={group}) needs the input features of {name} to be a multiple "
