@@ -166,6 +166,8 @@ def validate_targets(targets: list[tuple[str, nn.Module]], config: QuantConfig, 
             if weight.dtype not in _FLOAT_DTYPES:
                 raise ValueError(f"{name}: expected a float32/bfloat16/float16 weight; received {weight.dtype}")
             check_finite(weight.detach(), name)
+            planned = {"shape": tuple(weight.shape), "block_size": conv_layout(module)["block_size"], "qtype": config.qtype}
+            select_kernel("conv", config.scheme, weight.device.type, config.kernel, planned)  # the kernel the weight packs for
             continue
         if weight.dtype not in _FLOAT_DTYPES or weight.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D float32/bfloat16/float16 weight; received {weight.dtype} of shape {tuple(weight.shape)}")

@@ -139,11 +139,14 @@ def test_onednn_named_for_a_call_it_does_not_take_raises(make, shape, config, me
         model(torch.randn(shape))
 
 
-def test_onednn_named_for_a_transposed_conv_weight_raises_at_convert():
-    """A ConvTranspose weight has one scale per output channel along dim 1: not the layout the kernel packs."""
+def test_onednn_named_for_a_transposed_conv_weight_raises_at_prepare():
+    """A ConvTranspose weight has one scale per output channel along dim 1: not the layout the kernel packs. prepare
+    refuses it before attaching any observer."""
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3)).eval()
     with pytest.raises(RuntimeError, match=r"kernel 'onednn' for conv on 'int8_static' weights cannot run here: handles "
                                            r"\['per_channel'\] weights, not other"):
-        _static(nn.Sequential(nn.ConvTranspose2d(4, 6, 3)).eval(), (2, 4, 5, 5), lowbit.StaticInt8(kernel="onednn"))
+        lowbit.prepare(model, lowbit.StaticInt8(kernel="onednn"), filter_fn=lambda m, n: isinstance(m, nn.ConvTranspose2d))
+    assert not any(hasattr(m, "lowbit_observer") for m in model.modules())
 
 
 @pytest.mark.parametrize("kernel, conv_kernel, linear_kernel", [("onednn", "onednn", "onednn"), ("auto", "onednn", "avx512"),
