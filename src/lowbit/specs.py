@@ -157,7 +157,7 @@ class ActivationSpec:
                              f"observer={self.observer!r}")
         if not static and (self.observer is not None or self.smoothing is not None):
             raise ValueError("dynamic activations have no observer or smoothing")
-        self.quant  # validates qtype, granularity and symmetry
+        ActivationQuant(self.qtype, self.granularity, self.symmetric)  # raises for a bad qtype, granularity or symmetry
 
     @property
     def quant(self) -> ActivationQuant:

@@ -334,3 +334,13 @@ def test_packed_tensor_names_the_kernel_it_was_packed_for(name):
     copy = lowbit.quantize_(nn.Sequential(nn.Linear(64, 16)), lowbit.Int8DynamicActivation(kernel=name))
     copy.load_state_dict(model.state_dict())
     assert torch.equal(copy[0].weight.weight.packed_aux, weight.packed_aux)
+
+
+def test_int4_avx512_takes_groups_of_whole_32_code_blocks_only():
+    """The int4 decode walks 32 codes at a time: a group of 16 is the registry's decision, not a kernel error."""
+    meta = {"shape": (8, 64), "block_size": (1, 16), "qtype": "uint4"}
+    assert select_kernel("linear", "int4", "cpu", "auto", meta).name == "reference"
+    if native.unavailable() is None:
+        assert select_kernel("linear", "int4", "cpu", "auto", dict(meta, block_size=(1, 32))).name == "avx512"
+    with pytest.raises(RuntimeError, match="does not take groups of 16 input features"):
+        select_kernel("linear", "int4", "cpu", "avx512", meta)

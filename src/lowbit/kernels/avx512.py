@@ -350,7 +350,7 @@ def _(x, packed, scale, zero_point, bias, group_size):
 
 
 @register_kernel("linear", "int4", "avx512", devices=("cpu",), priority=20, granularities=("per_group",),
-                 requires=native.unavailable)
+                 requires=native.unavailable, group_sizes=lambda group: group % 32 == 0)  # the decode takes 32 codes at a time
 def int4_weight_avx512(x, tensors, meta, bias):
     """Weight-only int4: VNNI GEMV on a 16-bit activation split for few rows, bf16 decode + GEMM above."""
     group = meta["block_size"][-1]

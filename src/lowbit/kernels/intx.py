@@ -110,12 +110,10 @@ def _(x, planes, scale, zero_point, bias, group_size, bits):
 
 
 @register_kernel("linear", "intx", "avx512", devices=("cpu",), priority=20, granularities=("per_group",),
-                 requires=plane_decode_unavailable, pack=pack_planes)
+                 requires=plane_decode_unavailable, pack=pack_planes, group_sizes=GROUP_SIZES.__contains__)
 def intx_weight_avx512(x, tensors, meta, bias):
     """Weight-only intx: GEMV on bit planes and a 16-bit activation split for few rows, bf16 decode + GEMM above."""
     (n, k), group = meta["shape"], meta["block_size"][-1]
-    if group not in GROUP_SIZES:
-        raise ValueError(f"the avx512 intx kernel takes group sizes {GROUP_SIZES}; received {group}")
     if x.shape[-1] != k:
         raise ValueError(f"linear of input {tuple(x.shape)} with an intx weight of shape {(n, k)}: expected {k} input features")
     planes = tensors.get("packed")

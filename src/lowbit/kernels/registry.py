@@ -68,6 +68,7 @@ class Kernel:
         priority: higher wins under ``"auto"``.
         requires: returns None when runnable on a device type, else a reason it is not.
         granularities: weight granularities it handles (see :func:`layout`); None: any.
+        group_sizes: whether it takes a per-group weight's group size (``group_sizes(g) -> bool``); None: any.
         qtypes: weight qtype names it handles; None: any.
         pack: ``pack(tensors, meta) -> dict`` run once at quantize/load time; its tensors reach
             ``fn`` as ``tensors["packed"]`` / ``tensors["packed_aux"]``.
@@ -86,6 +87,7 @@ class Kernel:
     pack: Callable[[dict, dict], dict] | None = None
     qtypes: frozenset[str] | None = None
     accepts: Callable[[Call], str | None] | None = None
+    group_sizes: Callable[[int], bool] | None = None
 
     def missing(self, device_type: str, weight_layout: Layout | None = None) -> str | None:
         """Why this kernel cannot run on ``device_type`` for weights of ``weight_layout`` (None: any), or None."""
@@ -96,6 +98,9 @@ class Kernel:
                 return f"handles {sorted(self.granularities)} weights, not {weight_layout.granularity_names}"
             if self.qtypes is not None and weight_layout.qtype not in self.qtypes:
                 return f"handles {sorted(self.qtypes)} weights, not {weight_layout.qtype}"
+            group = weight_layout.group_size
+            if self.group_sizes is not None and group is not None and not self.group_sizes(group):
+                return f"does not take groups of {group} input features"
         return self.requires(device_type) if self.requires else None
 
     def declines(self, call: Call) -> str | None:
@@ -109,6 +114,7 @@ class Layout:
 
     granularities: frozenset[str]
     qtype: str
+    group_size: int | None = None  # the block length along the last dim of a per-group weight
 
     @property
     def granularity_names(self) -> str:
@@ -132,7 +138,7 @@ def layout(meta) -> Layout:
         "per_row": leading_ones and block[-1] == shape[-1],
         "per_group": leading_ones,
     }
-    return Layout(frozenset(name for name, ok in holds.items() if ok), meta["qtype"])
+    return Layout(frozenset(name for name, ok in holds.items() if ok), meta["qtype"], block[-1] if leading_ones else None)
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
@@ -151,6 +157,7 @@ def register_kernel(
     pack: Callable[[dict, dict], dict] | None = None,
     qtypes: tuple[str, ...] | None = None,
     accepts: Callable[[Call], str | None] | None = None,
+    group_sizes: Callable[[int], bool] | None = None,
 ) -> Callable[[KernelFn], KernelFn]:
     """Decorator registering ``fn(x, tensors, meta, bias)`` as kernel ``name`` for (op, scheme).
 
@@ -166,7 +173,8 @@ def register_kernel(
             raise ValueError(f"kernel {name!r} is already registered for ({op!r}, {scheme!r})")
         grans = None if granularities is None else frozenset(granularities)
         types = None if qtypes is None else frozenset(qtypes)
-        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack, types, accepts))
+        kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack, types, accepts,
+                              group_sizes))
         kernels.sort(key=lambda k: -k.priority)
         _CHOSEN.clear()
         return fn

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ..primitives.qtypes import QTYPES
 from .blockwise import BlockQuantizedTensor
 from .schemes import register_scheme
 
-INTX_QTYPES = tuple(f"{sign}int{bits}" for bits in range(2, 8) for sign in ("", "u"))
+INTX_QTYPES = tuple(q.name for q in QTYPES.values() if not q.is_float and 2 <= q.bits <= 7)  # int2 .. uint7
 
 
 class IntxTensor(BlockQuantizedTensor):
