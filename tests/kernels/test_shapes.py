@@ -49,4 +49,5 @@ def test_one_row_and_one_group_weights_take_the_fast_kernels(config, shape):
     q = quantized(config, torch.randn(shape))
     tensors, meta = q.kernel_inputs()
     for name in kernel_names("linear", q.scheme):
-        assert select_kernel("linear", q.scheme, "cpu", name, meta).name == name
+        if name != "cuda":  # the CUDA kernels are selected on a GPU (test_cuda_kernels checks these shapes)
+            assert select_kernel("linear", q.scheme, "cpu", name, meta).name == name

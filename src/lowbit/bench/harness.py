@@ -5,7 +5,8 @@
 (e) ``grad``: grad mode (plain ``model(x)``) vs ``no_grad`` for every config, on a linear and on MiniLM;
 (c) ``compile``: torch.compile vs eager; ``quantize``: quantize_ time and peak memory on MiniLM;
 (d) ``cnn``: the digits CNN with static int8/float8 (top-1 accuracy); (f) ``kv_cache``: the quantized KV cache;
-(g) ``intx``: 2..7-bit weights, linear speed and MiniLM cosine.
+(g) ``intx``: 2..7-bit weights, linear speed and MiniLM cosine; (h) ``cuda``: linear layers on the GPU against bf16
+(reports that no GPU was present where none is).
 
 Every time is a median over rounds in which the baselines (fp32, bf16) and the candidate take turns
 (:mod:`lowbit.bench.timing`), so ratios compare runs made under the same load.
@@ -28,6 +29,7 @@ import lowbit
 
 from .cnn import bench_cnn
 from .compiled import bench_compile
+from .cuda import bench_cuda
 from .grad import bench_grad
 from .intx import bench_intx
 from .kv import bench_kv_cache
@@ -78,6 +80,7 @@ SECTIONS = {
     "cnn": lambda profile, echo, notes: bench_cnn(profile, echo),
     "kv_cache": lambda profile, echo, notes: bench_kv_cache(echo),
     "intx": lambda profile, echo, notes: bench_intx(profile, echo),
+    "cuda": lambda profile, echo, notes: bench_cuda(profile, echo),
 }
 
 

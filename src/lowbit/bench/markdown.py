@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .cuda import cuda_markdown
 from .timing import BUSY_SPREAD
 
 
@@ -91,7 +92,7 @@ def _intx(rows: list[dict]) -> list[str]:
 
 
 SECTIONS = {"linear": _linear, "minilm": _minilm, "grad": _grad, "compile": _compile, "quantize": _quantize,
-            "cnn": _cnn, "kv_cache": _kv_cache, "intx": _intx}
+            "cnn": _cnn, "kv_cache": _kv_cache, "intx": _intx, "cuda": cuda_markdown}
 
 
 def busy_spread(report: dict) -> tuple[str, float]:
