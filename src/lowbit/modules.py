@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .kernels.boundary import call_kernel
-from .kernels.registry import select_kernel
+from .kernels.registry import packer, select_kernel, unpacked
 from .tensors.from_spec import quantize_weight
 
 
@@ -50,6 +50,28 @@ class QuantizedLinear(nn.Module):
         kernel = select_kernel("linear", self.scheme, x.device.type, self.meta["kernel"], self.meta)
         tensors = {name: getattr(self, name) for name in self.tensor_names}
         return call_kernel(kernel, x, tensors, self.meta, self.bias)
+
+    def __getstate__(self):
+        """Pickles and deep copies carry the canonical weight in place of a kernel's opaque layout (oneDNN's
+        packed weight has no storage to copy); :meth:`__setstate__` packs it again."""
+        state = dict(self.__dict__)
+        buffers = state["_buffers"]
+        opaque = [n for n, t in buffers.items() if t is not None and t.layout == torch._mkldnn]
+        if opaque:
+            canonical = unpacked(dict(buffers), self.meta)
+            state["_buffers"] = {n: t for n, t in canonical.items() if n not in opaque}
+            state["_repack"] = True
+        return state
+
+    def __setstate__(self, state):
+        repack = state.pop("_repack", False)
+        super().__setstate__(state)
+        if repack:
+            for name, t in packer(self.meta).pack(dict(self._buffers), self.meta).items():
+                if t is None:
+                    del self._buffers[name]
+                else:
+                    self._buffers[name] = t
 
     def extra_repr(self) -> str:
         block = self.meta.get("block_size")

@@ -8,8 +8,8 @@ a the activation the reference multiplies (inf saturated, quantized for dynamic/
   in the epilogues: (K + 8) u * magnitude;
 * float32 dot products on both sides (float8 GEMV, int4 GEMV): (2K + 8) u * magnitude (the int4 GEMV's
   zero-point correction cancels: its magnitude counts the codes and zero points, not their difference);
-* 16-bit activation split (weight-only int8, int4 GEMV): |x - scale * r| <= (0.5 + 2^-8) scale per element,
-  scale = max|x[m]| / 32639: that times sum_k |W[n, k]| more;
+* 16-bit activation split (weight-only int8 GEMV and int_mm16, int4 GEMV): |x - scale * r| <= (0.5 + 2^-8) scale
+  per element, scale = max|x[m]| / 32639: that times sum_k |W[n, k]| more;
 * bf16 GEMMs: 2^-8 relative per bf16 rounding (8 significant bits) of activations, weights and the GEMM's
   result, compounded.
 """
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.kernels import avx512
+from lowbit.kernels import avx512, decode_gemm
 from lowbit.kernels.reference import fake_quantize_activation, fake_quantize_static, saturate_inf
 from lowbit.kernels.registry import kernel_names
 from lowbit.primitives import choose_qparams
@@ -52,7 +52,7 @@ CONFIGS = [
     lowbit.StaticInt8(act_symmetric=True, smoothing=None),
     lowbit.StaticFloat8(),
 ]
-CASES = [dataclasses.replace(config, kernel=name) for config in CONFIGS for name in kernel_names("linear", config.scheme)]
+CASES = [dataclasses.replace(config, kernel=name) for config in CONFIGS for name in kernel_names("linear", config.scheme, "cpu")]
 FAST_CASES = [case for case in CASES if case.kernel != "reference"]
 
 
@@ -101,6 +101,8 @@ def error_bound(config, q_ref: torch.Tensor, x: torch.Tensor, bias: torch.Tensor
     magnitude = act @ weight.abs().T + bias_abs
     split16 = 0.0  # weight-only 16-bit activation split
     if scheme.startswith("int8"):
+        if scheme == "int8" and config.kernel == "avx512" and m > avx512.GEMV_ROWS_INT8 and decode_gemm.unavailable() is None:
+            return (bf16_roundings(1) + (2 * k + 8) * U) * magnitude  # activations in bf16, exact weights, float32 sums
         if scheme == "int8":
             split16 = 1.0
         return split16 * _split_error(x, weight) + (k + 8) * U * magnitude

@@ -19,8 +19,8 @@ needs_native = pytest.mark.skipif(native.unavailable() is not None, reason=f"nat
 
 CASES = [  # the kernel "auto" picks, with its bound by the math of each path (linear_cases.error_bound)
     (lowbit.Int8WeightOnly(), "avx512"),  # above the GEMV rows: 16-bit activation split
-    (lowbit.Int8DynamicActivation(), "avx512"),
-    (lowbit.Int8DynamicActivation(act_symmetric=True), "avx512"),
+    (lowbit.Int8DynamicActivation(), "onednn"),  # prepacked oneDNN GEMM at every row count
+    (lowbit.Int8DynamicActivation(act_symmetric=True), "onednn"),
     (lowbit.Float8WeightOnly(), "avx512"),  # few rows: float32 GEMV on exact e4m3 decodes
     (lowbit.Float8DynamicActivation(), "avx512"),
     (lowbit.Float8DynamicActivation(granularity="per_tensor"), "avx512"),
@@ -66,7 +66,6 @@ def test_fast_kernel_matches_reference(config, kernel, rows, shape):
 def test_int8_kernels_match_reference_with_large_zero_points(config, offset, monkeypatch):
     """One-sided activations give asymmetric zero points near 127 or -128: the zero-point correction
     (acc - zero * weight row sums) dominates, so any error in it (a flipped sign) leaves the bound."""
-    monkeypatch.setattr(onednn_linear, "PACK_MIN_WEIGHTS", 0)
     weight, bias = torch.randn(40, 96) / 96**0.5 + 0.05, torch.randn(40)  # rows with nonzero sums
     fast, ref = quantized(config, weight), reference_of(config, weight)
     for rows in (1, 5, 9, 33):  # every kernel's few-row and GEMM paths
@@ -198,12 +197,15 @@ def test_fused_float8_activation_quantization_is_bit_exact():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_fused_int8_activation_quantization_is_bit_exact(symmetric):
-    x = _hard_rows()
+def test_fused_int8_activation_quantization_is_bit_exact(symmetric, dtype):
+    """Straight from float32 or bf16 rows (a bf16 model's activations): the primitives' result on the same values."""
+    rows = _hard_rows().to(dtype)
+    x = rows.float()
     q, scale, zero = (torch.empty(7, 100, dtype=torch.int8), torch.empty(7), torch.empty(7))
-    native.library().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), zero.data_ptr(), 7, 100,
-                                               int(symmetric), 0, 0.0, 0.0, 1)
+    native.library().lowbit_quantize_rows_int8(rows.data_ptr(), q.data_ptr(), scale.data_ptr(), zero.data_ptr(), 7, 100,
+                                               int(symmetric), 0, 0.0, 0.0, int(dtype == torch.bfloat16), 1)
     expected_scale, expected_zero = choose_qparams(x, (1, 100), "int8", symmetric=symmetric, ignore_nonfinite=True)
     expected = quantize(x, expected_scale, expected_zero, (1, 100), "int8", saturate_nonfinite=True)
     assert torch.equal(q, expected)

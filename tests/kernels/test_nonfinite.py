@@ -12,11 +12,6 @@ from linear_cases import CASES, assert_within, case_id, error_bound, quantized, 
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.fixture(autouse=True)
-def pack_small(monkeypatch):
-    monkeypatch.setattr(onednn_linear, "PACK_MIN_WEIGHTS", 0)
-
-
 def _activations(rows: int, k: int) -> tuple[torch.Tensor, list[int], list[int]]:
     """x (rows, k) with NaN rows 0 and 3 (row 3 also holds an inf), inf rows 1 and 2; the rest finite."""
     x = torch.randn(rows, k) * torch.linspace(0.1, 4, k)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import dequantize_weight
+from .reference import weight_values
 from .registry import Kernel
 
 
@@ -79,7 +79,7 @@ def empty_result(op: str, x: torch.Tensor, meta: dict, bias: torch.Tensor | None
 
 def effective_weight(tensors: dict, meta: dict, dtype: torch.dtype) -> torch.Tensor:
     """The float weight the op applies to its (un-smoothed) input: dequantized, smoothing divisors folded out."""
-    weight = dequantize_weight(tensors, meta, dtype)
+    weight = weight_values(tensors, meta, dtype)
     smooth = tensors.get("act_smooth")
     return weight if smooth is None else weight / smooth.to(dtype)
 

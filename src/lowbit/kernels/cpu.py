@@ -63,9 +63,10 @@ def weight_colsum(tensors, meta) -> dict:
 
 
 def colsum(tensors) -> torch.Tensor:
-    """The packed row sums; recomputed only for views (e.g. ``x @ w.t()``) that dropped them."""
+    """The packed row sums as float32 (a module swap's buffers follow ``model.to(dtype)``); recomputed only for
+    views (e.g. ``x @ w.t()``) that dropped them."""
     packed = tensors.get("packed_aux")
-    return packed if packed is not None else weight_colsum(tensors, None)["packed_aux"]
+    return packed.float() if packed is not None else weight_colsum(tensors, None)["packed_aux"]
 
 
 def finish(out: torch.Tensor, x: torch.Tensor, scale=None, bias=None) -> torch.Tensor:

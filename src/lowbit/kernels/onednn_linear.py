@@ -1,19 +1,18 @@
-"""Int8 linears on oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), opt-in
-with ``kernel="onednn"``.
+"""Int8 linears on oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``): what
+``kernel="auto"`` picks for dynamic and static int8 activations, and ``kernel="onednn"`` for weight-only int8.
 
-At quantize/load time the int8 weight is also reordered into oneDNN's blocked layout
-(``qlinear_prepack``): calls skip the per-call weight reorder ``torch._int_mm`` pays, and oneDNN
-picks its AMX/VNNI GEMM for every batch size. The price is a second copy of the int8 weight (the
-canonical one stays for files, views and the few-row kernel), so ``kernel="auto"`` keeps the
-memory-lean ``avx512`` kernel.
+At quantize/load time the int8 weight is reordered into oneDNN's blocked layout (``qlinear_prepack``) and
+the canonical (N, K) copy is dropped, so a model holds each weight once (plus one float per output row).
+Calls skip the per-call weight reorder ``torch._int_mm`` pays, and oneDNN picks its AMX/VNNI GEMM for every
+batch size. Files, views, gradients and other kernels get the canonical values back from the packed layout
+(``to_dense``, exact; ~20 ms for a 4096x11008 weight).
 
-Each call quantizes activations per token in one pass as uint8 q + 128 (the 16-bit split for
-weight-only int8: both halves as rows of one GEMM), oneDNN returns the exact integer products as
-float32 (input scale 1, zero point 128, unit weight scales), and one fused pass applies the zero
-point correction, both scales and the bias. Few activation rows take the ``avx512`` one-call kernel
-(up to 8 with AMX, else 2), and weights under ``PACK_MIN_WEIGHTS`` elements are not packed: they
-take the ``avx512`` kernels. Non-finite activations follow the rule of every kernel
-(:mod:`lowbit.kernels.reference`), through the same activation quantization and epilogue.
+Each call quantizes activations per token in one pass, straight from float32 or bf16, as uint8 q + 128 (the
+16-bit split for weight-only int8: both halves as rows of one GEMM); oneDNN returns the exact integer products
+as float32 (input scale 1, zero point 128, unit weight scales), and one fused pass applies the zero point
+correction, both scales and the bias, writing float32 or bf16 (bf16 activations get bf16 results). Non-finite
+activations follow the rule of every kernel (:mod:`lowbit.kernels.reference`), through the same activation
+quantization and epilogue.
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ import functools
 import torch
 
 from . import native
-from .avx512 import GEMV_ROWS_INT8, _epilogue, _int8_args, int8_activation_linear, int8_weight_linear, per_token_activations
-from .cpu import finish, needs_vnni, weight_colsum
+from .avx512 import _epilogue, _int8_args, activation_rows, int8_activation_linear, int8_weight_linear, is_bf16, out_dtype
+from .avx512 import per_token_activations
+from .cpu import colsum, finish, needs_vnni, weight_colsum
 from .ops import custom_op
 from .registry import register_kernel
 
@@ -35,21 +35,16 @@ def _requires(device_type: str) -> str | None:
     return needs_vnni(device_type) or native.unavailable(device_type)
 
 
-PACK_MIN_WEIGHTS = 1 << 20  # below this, oneDNN's per-call cost (~50 us) exceeds the weight reorder it saves
-GEMV_ROWS = 2  # rows up to which the VNNI GEMV beats oneDNN's GEMM on a packed weight (measured: 4096x4096)
-
-
-def _small_rows() -> int:
-    """Rows that take lowbit's one-call kernel: with AMX tiles it beats oneDNN's GEMM up to its limit."""
-    return GEMV_ROWS_INT8 if native.amx_ready() else GEMV_ROWS
-
-
 def _pack(tensors, meta) -> dict:
-    weight = tensors["qdata"]  # (N, K) int8, per-row scales
-    if weight.numel() < PACK_MIN_WEIGHTS:  # small weights keep the avx512 path and no second copy
-        return weight_colsum(tensors, meta)
+    """oneDNN's layout of the (N, K) int8 weight and its row sums; the canonical copy is dropped."""
+    weight = tensors["qdata"]
     packed = torch.ops.onednn.qlinear_prepack(weight, [1, weight.shape[1]])  # layout independent of the batch
-    return {"packed": packed, **weight_colsum(tensors, meta)}
+    return {"packed": packed, **weight_colsum(tensors, meta), "qdata": None}
+
+
+def _unpack(tensors, meta) -> dict:
+    """The canonical (N, K) int8 weight, read back exactly from oneDNN's layout (which densifies to (K, N))."""
+    return {"qdata": tensors["packed"].to_dense().t().contiguous()}
 
 
 @functools.cache
@@ -71,53 +66,59 @@ def int8_onednn_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Ten
                        act_zero: torch.Tensor | None = None) -> torch.Tensor:
     """int8 linear, float32 (M, N), on a prepacked weight. ``mode``: 0 weight-only (16-bit activation
     split), 1 / 2 int8 activations per token (symmetric / asymmetric), or with the static ``act_scale``."""
-    x = x.contiguous().float()
+    x = activation_rows(x)
     (m, k), n, threads, lib = x.shape, row_sums.shape[0], torch.get_num_threads(), native.library()
-    x_scale = torch.empty(m)
+    x_scale, dtype = torch.empty(m), out_dtype(x)
     if mode == 0:
         halves = torch.empty(2 * m, k, dtype=torch.uint8)  # hi rows, then lo rows
-        lib.lowbit_split_rows_16(x.data_ptr(), halves[:m].data_ptr(), halves[m:].data_ptr(), x_scale.data_ptr(), m, k, 1, threads)
+        lib.lowbit_split_rows_16(x.data_ptr(), halves[:m].data_ptr(), halves[m:].data_ptr(), x_scale.data_ptr(), m, k, 1,
+                                 is_bf16(x), threads)
         acc = _products(halves, packed, n)
-        return _epilogue(acc[m:], acc[:m], x_scale, None, row_sums, w_scale, bias, threads)
+        return _epilogue(acc[m:], acc[:m], x_scale, None, row_sums, w_scale, bias, threads, dtype)
     q, zero = torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
     fixed_scale = 0.0 if act_scale is None else float(act_scale.reshape(()))
     fixed_zero = 0.0 if act_zero is None else float(act_zero.reshape(()))
     lib.lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k, int(mode == 1), 1,
-                                  fixed_scale, fixed_zero, threads)
-    return _epilogue(_products(q, packed, n), None, x_scale, None if mode == 1 else zero, row_sums, w_scale, bias, threads)
+                                  fixed_scale, fixed_zero, is_bf16(x), threads)
+    return _epilogue(_products(q, packed, n), None, x_scale, None if mode == 1 else zero, row_sums, w_scale, bias, threads,
+                     dtype)
 
 
 @int8_onednn_linear.register_fake
 def _(x, packed, w_scale, row_sums, bias, mode, act_scale=None, act_zero=None):
-    return x.new_empty(x.shape[0], row_sums.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], row_sums.shape[0], dtype=out_dtype(x))
 
 
 def _linear(x, tensors, bias, mode: int, act_scale=None, act_zero=None):
-    x2d, weight, w_scale, row_sums, bias32 = _int8_args(x, tensors, bias)
-    if x2d.shape[0] <= _small_rows() or tensors.get("packed") is None:
+    if tensors.get("packed") is None:  # a canonical view (e.g. a weight applied in the orientation it was not packed for)
+        x2d, weight, w_scale, row_sums, bias32 = _int8_args(x, tensors, bias)
         out = (int8_weight_linear(x2d, weight, w_scale, row_sums, bias32) if mode == 0 else
                int8_activation_linear(x2d, weight, w_scale, row_sums, bias32, mode == 1, act_scale, act_zero))
     else:
-        out = int8_onednn_linear(x2d, tensors["packed"], w_scale, row_sums, bias32, mode, act_scale, act_zero)
+        w_scale, bias32 = tensors["scale"].reshape(-1).float().contiguous(), None if bias is None else bias.float().contiguous()
+        out = int8_onednn_linear(x.reshape(-1, x.shape[-1]), tensors["packed"], w_scale, colsum(tensors), bias32, mode,
+                                 act_scale, act_zero)
     return finish(out, x)
 
 
-_REGISTER = dict(devices=("cpu",), priority=15, granularities=("per_row",), requires=_requires, pack=_pack)
+# Above the avx512 kernels for int8 activations (faster at every batch of 2+ rows, measured in BENCHMARKS.md);
+# weight-only int8 keeps its canonical weight for the one-call GEMV that decoding single tokens needs.
+_REGISTER = dict(devices=("cpu",), granularities=("per_row",), requires=_requires, pack=_pack, unpack=_unpack)
 
 
-@register_kernel("linear", "int8", "onednn", **_REGISTER)
+@register_kernel("linear", "int8", "onednn", priority=15, **_REGISTER)
 def int8_weight_onednn(x, tensors, meta, bias):
     """Weight-only int8 on a 16-bit activation split, prepacked oneDNN GEMM."""
     return _linear(x, tensors, bias, 0)
 
 
-@register_kernel("linear", "int8_dynamic", "onednn", **_REGISTER, accepts=per_token_activations)
+@register_kernel("linear", "int8_dynamic", "onednn", priority=25, **_REGISTER, accepts=per_token_activations)
 def int8_dynamic_onednn(x, tensors, meta, bias):
     """Dynamic per-token int8, prepacked oneDNN GEMM."""
     return _linear(x, tensors, bias, 1 if meta["activation"].symmetric else 2)
 
 
-@register_kernel("linear", "int8_static", "onednn", **_REGISTER)
+@register_kernel("linear", "int8_static", "onednn", priority=25, **_REGISTER)
 def int8_static_onednn(x, tensors, meta, bias):
     """Static int8 (calibrated per-tensor scale and zero point), prepacked oneDNN GEMM."""
     smooth = tensors.get("act_smooth")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..primitives.fake_quantize import dequantize_weight, fake_quantize_activation, fake_quantize_static
+from .registry import unpacked
 
 
 def saturate_inf(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,13 @@ def mark_nan_rows(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(nan_rows(x), float("nan"))
 
 
+def weight_values(tensors: dict, meta: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight, also of a weight whose kernel keeps only its own layout."""
+    return dequantize_weight(unpacked(tensors, meta), meta, dtype)
+
+
 def _float_linear(x, tensors, meta, bias):
-    return F.linear(x, dequantize_weight(tensors, meta, x.dtype), bias)
+    return F.linear(x, weight_values(tensors, meta, x.dtype), bias)
 
 
 def _linear(x, tensors, meta, bias):
@@ -56,7 +62,7 @@ def _static_linear(x, tensors, meta, bias):
 
 
 def _bmm(x, tensors, meta, bias):
-    return torch.bmm(x, dequantize_weight(tensors, meta, x.dtype))
+    return torch.bmm(x, weight_values(tensors, meta, x.dtype))
 
 
 def _embedding(indices, tensors, meta, bias):
@@ -73,7 +79,7 @@ def _embedding(indices, tensors, meta, bias):
 
 def _conv(x, tensors, meta, bias):
     func, args, kwargs = meta["conv"]
-    return func(x, dequantize_weight(tensors, meta, x.dtype), bias, *args, **kwargs)
+    return func(x, weight_values(tensors, meta, x.dtype), bias, *args, **kwargs)
 
 
 def _static_conv(x, tensors, meta, bias):

@@ -71,7 +71,10 @@ class Kernel:
         group_sizes: whether it takes a per-group weight's group size (``group_sizes(g) -> bool``); None: any.
         qtypes: weight qtype names it handles; None: any.
         pack: ``pack(tensors, meta) -> dict`` run once at quantize/load time; its tensors reach
-            ``fn`` as ``tensors["packed"]`` / ``tensors["packed_aux"]``.
+            ``fn`` as ``tensors["packed"]`` / ``tensors["packed_aux"]``. It may return ``"qdata": None``
+            to drop the canonical values while its layout holds them; then ``unpack`` is required.
+        unpack: ``unpack(tensors, meta) -> {"qdata": ...}``: the canonical values rebuilt from the packed
+            layout (for files, views, gradients and other kernels; see :func:`unpacked`).
         accepts: returns None when it takes a :class:`Call`, else what it takes and what the call has;
             a property the call leaves None (packing, other ops) is not judged.
     """
@@ -88,6 +91,7 @@ class Kernel:
     qtypes: frozenset[str] | None = None
     accepts: Callable[[Call], str | None] | None = None
     group_sizes: Callable[[int], bool] | None = None
+    unpack: Callable[[dict, dict], dict] | None = None
 
     def missing(self, device_type: str, weight_layout: Layout | None = None) -> str | None:
         """Why this kernel cannot run on ``device_type`` for weights of ``weight_layout`` (None: any), or None."""
@@ -158,6 +162,7 @@ def register_kernel(
     qtypes: tuple[str, ...] | None = None,
     accepts: Callable[[Call], str | None] | None = None,
     group_sizes: Callable[[int], bool] | None = None,
+    unpack: Callable[[dict, dict], dict] | None = None,
 ) -> Callable[[KernelFn], KernelFn]:
     """Decorator registering ``fn(x, tensors, meta, bias)`` as kernel ``name`` for (op, scheme).
 
@@ -174,7 +179,7 @@ def register_kernel(
         grans = None if granularities is None else frozenset(granularities)
         types = None if qtypes is None else frozenset(qtypes)
         kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack, types, accepts,
-                              group_sizes))
+                              group_sizes, unpack))
         kernels.sort(key=lambda k: -k.priority)
         _CHOSEN.clear()
         return fn
@@ -182,9 +187,9 @@ def register_kernel(
     return wrap
 
 
-def kernel_names(op: str, scheme: str) -> list[str]:
-    """Names registered for (op, scheme), highest priority first."""
-    return [k.name for k in _KERNELS.get((op, scheme), [])]
+def kernel_names(op: str, scheme: str, device_type: str | None = None) -> list[str]:
+    """Names registered for (op, scheme) (for ``device_type`` only, when given), highest priority first."""
+    return [k.name for k in _KERNELS.get((op, scheme), []) if device_type is None or device_type in k.devices]
 
 
 def select_kernel(op: str, scheme: str, device_type: str, preference: str = "auto", meta=None) -> Kernel:
@@ -234,6 +239,20 @@ def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_lay
             return kernel
     which = "" if weight_layout is None else f"{weight_layout.granularity_names} {weight_layout.qtype} "
     raise RuntimeError(f"no {op!r} kernel for {scheme!r} {which}weights can take this call on {device_type}")
+
+
+def unpacked(tensors: dict, meta: dict) -> dict:
+    """``tensors`` with the canonical ``qdata``: as they are when they hold it, else rebuilt by the ``unpack`` of
+    the kernel that packed them (``meta["packed_for"]``) — the weight's values are never lost to a kernel layout."""
+    if tensors.get("qdata") is not None:
+        return tensors
+    return {**tensors, **packer(meta).unpack(tensors, meta)}
+
+
+def packer(meta: dict) -> Kernel:
+    """The kernel whose layout a packed weight holds (``meta["packed_for"]``: scheme and kernel name)."""
+    scheme, name = meta["packed_for"]
+    return next(k for (_, s), kernels in _KERNELS.items() if s == scheme for k in kernels if k.name == name and k.pack)
 
 
 def _named_for_scheme(name: str, scheme: str) -> bool:

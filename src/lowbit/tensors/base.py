@@ -35,6 +35,8 @@ class QuantizedTensor(torch.Tensor):
 
     tensor_names: ClassVar[tuple[str, ...]] = ()
     optional_tensor_names: ClassVar[tuple[str, ...]] = ()
+    # required tensors that may be left out while a kernel's packed layout holds their values (see canonical())
+    replaceable_names: ClassVar[tuple[str, ...]] = ()
     meta_names: ClassVar[tuple[str, ...]] = ()
     optional_meta_names: ClassVar[tuple[str, ...]] = ()  # a subset of meta_names that defaults to None
     _aten_table: ClassVar[dict]
@@ -47,7 +49,7 @@ class QuantizedTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, *, shape, dtype, **fields):
-        first = fields[cls.tensor_names[0]]
+        first = next(fields[n] for n in cls.tensor_names + cls.optional_tensor_names if fields.get(n) is not None)
         return torch.Tensor._make_wrapper_subclass(
             cls, tuple(shape), dtype=dtype, device=first.device, requires_grad=False
         )
@@ -55,7 +57,8 @@ class QuantizedTensor(torch.Tensor):
     def __init__(self, *, shape, dtype, **fields):
         expected = set(self.tensor_names) | set(self.optional_tensor_names) | set(self.meta_names)
         unknown = set(fields) - expected
-        missing = (set(self.tensor_names) | set(self.meta_names)) - set(self.optional_meta_names) - set(fields)
+        missing = ((set(self.tensor_names) | set(self.meta_names)) - set(self.optional_meta_names) - set(fields)
+                   - set(self.replaceable_names))
         if unknown or missing:
             raise TypeError(f"{type(self).__name__} got unknown fields {sorted(unknown)}, missing {sorted(missing)}")
         if dtype not in _FLOAT_DTYPES:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.boundary import call_kernel
-from ..kernels.registry import select_kernel
+from ..kernels.registry import select_kernel, unpacked
 from ..primitives.affine import quantize_weight
 from ..primitives.fake_quantize import dequantize_weight
 from ..primitives.packing import pack_bits
@@ -38,6 +38,7 @@ class BlockQuantizedTensor(QuantizedTensor):
     optional_meta_names = ("groups", "packed_for", "packed_transposed")
     scheme: ClassVar[str] = "block"
     packed_names: ClassVar[tuple[str, ...]] = PACKED_NAMES  # fields made by a kernel's pack(), never stored
+    replaceable_names = ("qdata",)  # a kernel whose layout holds the values drops the canonical qdata at run time
 
     @classmethod
     def from_spec(cls, w: torch.Tensor, spec: WeightSpec, block_size: Sequence[int], *, kernel: str = "auto",
@@ -53,13 +54,19 @@ class BlockQuantizedTensor(QuantizedTensor):
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_weight(self.fields(), self.meta, dtype or self.dtype)
+        canonical = self.canonical()
+        return dequantize_weight(canonical.fields(), canonical.meta, dtype or self.dtype)
 
     def canonical(self) -> "BlockQuantizedTensor":
-        """The same tensor without kernel-packed fields (what views and files carry)."""
+        """The same tensor without kernel-packed fields (what views and files carry); a ``qdata`` the packing kernel
+        dropped is rebuilt from its layout."""
         if all(getattr(self, n) is None for n in PACKED_NAMES):
             return self
-        return self.rebuild(**{n: None for n in PACKED_NAMES}, packed_for=None, packed_transposed=None)
+        qdata = self.qdata
+        if qdata is None:
+            qdata = unpacked(self.fields(), self.meta)["qdata"]
+            qdata = qdata.t() if self.packed_transposed else qdata  # the packed layout serves the transpose
+        return self.rebuild(**{n: None for n in PACKED_NAMES}, qdata=qdata, packed_for=None, packed_transposed=None)
 
     def copied(self, fn) -> "BlockQuantizedTensor":
         """``fn`` applied to the canonical inner tensors, then packed again for the same kernel (kernel
@@ -169,12 +176,14 @@ def _copy_(func, args, kwargs):
             f"cannot copy into {type(dst).__name__} {dst.meta}: expected the same class, qtype, block_size "
             f"and shape (a state dict from a model quantized with the same config); received {received}"
         )
-    for name, t in dst.canonical().fields().items():
-        t.copy_(getattr(src, name))
+    source = src.canonical()
+    for name, t in dst.fields().items():  # dst's canonical tensors (its qdata only when its kernel kept it)
+        if name not in PACKED_NAMES:
+            t.copy_(getattr(source, name))
     wanted = [n for n in PACKED_NAMES if getattr(dst, n) is not None]
     if src.packed_for != dst.packed_for or src.packed_transposed != dst.packed_transposed:  # the layout dst's kernel reads
         scheme, kernel = dst.packed_for
-        src = with_packing(dst, scheme, kernel=kernel)
+        src = with_packing(source, scheme, kernel=kernel)
     for name in wanted:
         if getattr(src, name) is not None:
             getattr(dst, name).copy_(getattr(src, name))
@@ -191,16 +200,18 @@ def transposed(self: BlockQuantizedTensor, dim0: int, dim1: int) -> BlockQuantiz
     swap = {d0: d1, d1: d0}
     order = [swap.get(d, d) for d in range(self.dim())]
     packed = self.packed_dim
-    out = self.canonical().map_tensors(
-        lambda t: t.transpose(d0, d1),
+    keeps_packing = self.packed_for is not None and self.dim() == 2 and d0 != d1
+    source = self if keeps_packing else self.canonical()
+    plain = {n: t.transpose(d0, d1) for n, t in source.fields().items() if n not in PACKED_NAMES}
+    out = source.rebuild(
+        **plain,
         shape=[self.shape[d] for d in order],
         block_size=tuple(self.block_size[d] for d in order),
         packed_dim=None if packed is None else swap.get(packed, packed),
     )
-    if self.packed_for is None or self.dim() != 2 or d0 == d1:
+    if not keeps_packing:
         return out
-    kept = {n: getattr(self, n) for n in PACKED_NAMES}
-    return out.rebuild(**kept, packed_for=self.packed_for, packed_transposed=None if self.packed_transposed else True)
+    return out.rebuild(packed_transposed=None if self.packed_transposed else True)
 
 
 @BlockQuantizedTensor.implements(aten.t.default)

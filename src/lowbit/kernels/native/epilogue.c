@@ -16,16 +16,22 @@ static inline void row_to_bf16(const float *row, uint16_t *dst, int64_t K, float
     }
 }
 
-/* Float activations x (M, K) -> bf16 rows out for a bf16 GEMM: +-inf saturate to +-(largest finite |x| of the
+/* Float activations x (M, K), float32 or bf16 (in_bf16) -> bf16 rows out for a bf16 GEMM: +-inf saturate to +-(largest finite |x| of the
  * row), a row holding a NaN is written with its NaNs as 0 and gets row_scale[m] = NaN (else 1), which
  * lowbit_bf16_epilogue multiplies into the row's outputs. */
-void lowbit_rows_to_bf16(const float *x, uint16_t *out, float *row_scale, int64_t M, int64_t K, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        __mmask16 infs = 0, nans = 0;
-        row_to_bf16(x + m * K, out + m * K, K, __builtin_inff(), &infs, &nans);
-        if (infs) row_to_bf16(x + m * K, out + m * K, K, row_absmax(x + m * K, K), &infs, &nans);
-        row_scale[m] = nans ? __builtin_nanf("") : 1.0f;
+void lowbit_rows_to_bf16(const void *x, uint16_t *out, float *row_scale, int64_t M, int64_t K, int in_bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = row_buffer(K, in_bf16);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            __mmask16 infs = 0, nans = 0;
+            const float *row = row_f32(x, m, K, in_bf16, buf);
+            row_to_bf16(row, out + m * K, K, __builtin_inff(), &infs, &nans);
+            if (infs) row_to_bf16(row, out + m * K, K, row_absmax(row, K), &infs, &nans);
+            row_scale[m] = nans ? __builtin_nanf("") : 1.0f;
+        }
+        free(buf);
     }
 }
 
@@ -35,10 +41,11 @@ static inline __m512 load_acc(const void *acc, int64_t i, __mmask16 live, int fl
 }
 
 /* out[m, n] = (acc[m, n] (+ 256 * acc_hi[m, n]) - offset[m] * colsum[n]) * x_scale[m] * w_scale[n] + bias[n],
- * acc and acc_hi int32, or float32 holding integers when float_acc. acc_hi, offset and bias may be NULL. */
+ * acc and acc_hi int32, or float32 holding integers when float_acc; out float32, or bf16 (rounded half to even)
+ * when out_bf16. acc_hi, offset and bias may be NULL. */
 void lowbit_int32_epilogue(const void *acc, const void *acc_hi, const float *x_scale, const float *offset,
-                           const float *colsum, const float *w_scale, const float *bias, float *out,
-                           int64_t M, int64_t N, int float_acc, int threads) {
+                           const float *colsum, const float *w_scale, const float *bias, void *out,
+                           int64_t M, int64_t N, int float_acc, int out_bf16, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         __m512 xs = _mm512_set1_ps(x_scale[m]);
@@ -51,7 +58,10 @@ void lowbit_int32_epilogue(const void *acc, const void *acc_hi, const float *x_s
                 v = _mm512_fnmadd_ps(off, _mm512_maskz_loadu_ps(live, colsum + n), v);
             v = _mm512_mul_ps(v, _mm512_mul_ps(xs, _mm512_maskz_loadu_ps(live, w_scale + n)));
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, bias + n));
-            _mm512_mask_storeu_ps(out + m * N + n, live, v);
+            if (out_bf16)
+                _mm256_mask_storeu_epi16((uint16_t *)out + m * N + n, live, to_bf16_any(v));
+            else
+                _mm512_mask_storeu_ps((float *)out + m * N + n, live, v);
         }
     }
 }

@@ -51,20 +51,31 @@ static void quantize_row_int8(const float *row, int8_t *q, float *scale, float *
     if (nan) *scale = __builtin_nanf("");
 }
 
-/* quantize_row_int8 for every row of x (M, K); scale and zero get one entry per row. */
-void lowbit_quantize_rows_int8(const float *x, int8_t *q, float *scale, float *zero, int64_t M, int64_t K,
-                               int symmetric, int offset128, float fixed_scale, float fixed_zero, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++)
-        quantize_row_int8(x + m * K, q + m * K, scale + m, zero + m, K, symmetric, offset128, fixed_scale, fixed_zero);
+/* quantize_row_int8 for every row of x (M, K), float32 or bf16 (in_bf16); scale and zero get one entry per row. */
+void lowbit_quantize_rows_int8(const void *x, int8_t *q, float *scale, float *zero, int64_t M, int64_t K,
+                               int symmetric, int offset128, float fixed_scale, float fixed_zero, int in_bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = row_buffer(K, in_bf16);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            quantize_row_int8(row_f32(x, m, K, in_bf16, buf), q + m * K, scale + m, zero + m, K, symmetric, offset128,
+                              fixed_scale, fixed_zero);
+        free(buf);
+    }
 }
 
-/* split_row_16 for every row of x (M, K): signed halves (torch._int_mm), or uint8 + 128 with offset128
- * (oneDNN's u8s8 GEMM). */
-void lowbit_split_rows_16(const float *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int offset128,
-                          int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) split_row_16(x + m * K, hi + m * K, lo + m * K, scale + m, K, offset128);
+/* split_row_16 for every row of x (M, K), float32 or bf16 (in_bf16): signed halves (torch._int_mm), or uint8 + 128
+ * with offset128 (oneDNN's u8s8 GEMM). */
+void lowbit_split_rows_16(const void *x, int8_t *hi, int8_t *lo, float *scale, int64_t M, int64_t K, int offset128,
+                          int in_bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = row_buffer(K, in_bf16);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) split_row_16(row_f32(x, m, K, in_bf16, buf), hi + m * K, lo + m * K, scale + m, K, offset128);
+        free(buf);
+    }
 }
 
 /* y[m, n0 + j] for j < nrows from acc[j * ldc + c] (c: activation row; hi rows, then lo rows when split). */
