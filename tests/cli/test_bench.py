@@ -58,6 +58,9 @@ def test_a_tiny_run_writes_every_table(tmp_path):
     linear = {(r["method"], r["rows"]) for r in report["linear"]}
     assert {("fp32", 1), ("bf16", 16), ("lowbit Int8WeightOnly()", 1), ("peer torch.ao quantize_dynamic (fbgemm)", 16)} <= linear
     assert all(r["speedup"] > 0 and r["speedup_bf16"] > 0 for r in report["linear"])
+    bf16_rows = {r["method"]: r for r in report["linear"] if r["method"].endswith(" on bf16")}  # int8-mixed-bf16 rows
+    assert {f"lowbit {config.label()} on bf16" for config in DEFAULT_CONFIGS} == set(bf16_rows)
+    assert all(r["sqnr_db"] > 10 for r in bf16_rows.values())
     grad = {(r["method"], r["size"]): r for r in report["grad"]}
     for config in DEFAULT_CONFIGS:  # every config at every M, grad mode against no_grad
         for m in TINY.grad_rows:

@@ -58,3 +58,26 @@ def bench_minilm_compile(profile: Profile, echo: Echo) -> list[dict]:
         compiled = torch.compile(model)
         results.append(_row("MiniLM", config, "batch 1", lambda: model(**batch), lambda: compiled(**batch), profile, echo))
     return results
+
+
+def bench_compile_bf16(profile: Profile, echo: Echo) -> list[dict]:
+    """int8-mixed-bf16 under torch.compile: each quantized MiniLM cast to bf16 and compiled, against the compiled
+    bf16 model, interleaved at each batch size."""
+    from .minilm import latency_batch, load
+
+    base, tokenizer = load()
+    models = {"bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    for config in map(config_from_name, profile.compile_minilm_configs):
+        models[f"{config.label()} on bf16"] = _quantized(copy.deepcopy(base), config).to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = {name: torch.compile(model) for name, model in models.items()}
+    results = []
+    for bs in profile.minilm_batches:
+        batch = latency_batch(tokenizer, bs)
+        timings = interleaved_ms({name: lambda c=c: c(**batch) for name, c in compiled.items()}, rounds=profile.rounds,
+                                 target_s=profile.target_s)
+        for name, t in timings.items():
+            ratio = timings["bf16"].ms / t.ms
+            echo(f"compile bf16 MiniLM bs={bs:<3} {name:<44} {t.ms:9.2f} ms ±{100 * t.spread:3.0f}% {ratio:5.2f}x compiled bf16")
+            results.append(dict(method=name, batch=bs, ms=t.ms, spread=t.spread, vs_bf16=ratio))
+    return results

@@ -3,7 +3,8 @@
 (a) ``linear``: linear layers shaped like LLaMA-7B's at M = 1 ... 512 (SQNR vs the fp32 layer);
 (b) ``minilm``: all-MiniLM-L6-v2 end to end at batch 1 and 32, sequence 128 (size; cosine vs fp32 embeddings);
 (e) ``grad``: grad mode (plain ``model(x)``) vs ``no_grad`` for every config, on a linear and on MiniLM;
-(c) ``compile``: torch.compile vs eager; ``quantize``: quantize_ time and peak memory on MiniLM;
+(c) ``compile``: torch.compile vs eager; ``compile_bf16``: compiled quantized bf16 MiniLM vs the compiled bf16 model;
+``quantize``: quantize_ time and peak memory on MiniLM;
 (d) ``cnn``: the digits CNN with static int8/float8 (top-1 accuracy); (f) ``kv_cache``: the quantized KV cache;
 (g) ``intx``: 2..7-bit weights, linear speed and MiniLM cosine; (h) ``cuda``: linear layers on the GPU against bf16
 (reports that no GPU was present where none is).
@@ -28,7 +29,7 @@ import torch
 import lowbit
 
 from .cnn import bench_cnn
-from .compiled import bench_compile
+from .compiled import bench_compile, bench_compile_bf16
 from .cuda import bench_cuda
 from .grad import bench_grad
 from .intx import bench_intx
@@ -76,6 +77,7 @@ SECTIONS = {
     "minilm": bench_minilm,
     "grad": lambda profile, echo, notes: bench_grad(profile, echo),
     "compile": lambda profile, echo, notes: bench_compile(profile, echo),
+    "compile_bf16": lambda profile, echo, notes: bench_compile_bf16(profile, echo),
     "quantize": lambda profile, echo, notes: quantize_cost(echo),
     "cnn": lambda profile, echo, notes: bench_cnn(profile, echo),
     "kv_cache": lambda profile, echo, notes: bench_kv_cache(echo),

@@ -30,7 +30,7 @@ def bench_linears(profile: Profile, echo: Echo, notes: list[str]) -> list[dict]:
         floats = {v.name: (v.make(copy.deepcopy(base)), v.dtype) for v in BASELINES}
         where = f"linear {in_f}x{out_f}"
         calibration = [torch.randn(64, in_f) for _ in range(4)]
-        for variant in [None, *candidates(DEFAULT_CONFIGS + OPT_IN_CONFIGS, calibration, notes)]:
+        for variant in [None, *candidates(DEFAULT_CONFIGS + OPT_IN_CONFIGS, calibration, notes, DEFAULT_CONFIGS)]:
             model = None if variant is None else make_variant(variant, base, notes, where)
             if variant is not None and model is None:
                 continue

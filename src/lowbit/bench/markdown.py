@@ -60,6 +60,13 @@ def _compile(rows: list[dict]) -> list[str]:
                             f"{r['ratio']:.2f}x"] for r in rows])
 
 
+def _compile_bf16(rows: list[dict]) -> list[str]:
+    lines = ["### torch.compile on bf16 models: all-MiniLM-L6-v2 (sequence 128), each compiled, against the compiled bf16 model", ""]
+    return lines + _table(["method", "batch", "compiled ms", "spread", "vs compiled bf16"],
+                          [[r["method"], str(r["batch"]), f"{r['ms']:.2f}", f"±{100 * r['spread']:.0f}%", f"{r['vs_bf16']:.2f}x"]
+                           for r in rows])
+
+
 def _quantize(q: dict) -> list[str]:
     return [f"quantize_ on MiniLM: {q['quantize_s']:.3f} s, peak memory {q['peak_ratio']:.2f}x the float model "
             f"({q['model_mb']:.1f} MB)."]
@@ -91,7 +98,8 @@ def _intx(rows: list[dict]) -> list[str]:
                                   for r in minilm])
 
 
-SECTIONS = {"linear": _linear, "minilm": _minilm, "grad": _grad, "compile": _compile, "quantize": _quantize,
+SECTIONS = {"linear": _linear, "minilm": _minilm, "grad": _grad, "compile": _compile, "compile_bf16": _compile_bf16,
+            "quantize": _quantize,
             "cnn": _cnn, "kv_cache": _kv_cache, "intx": _intx, "cuda": cuda_markdown}
 
 

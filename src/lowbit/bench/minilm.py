@@ -49,7 +49,8 @@ def bench_minilm(profile: Profile, echo: Echo, notes: list[str]) -> list[dict]:
     floats = {v.name: v.make(copy.deepcopy(base)) for v in BASELINES}
     configs = DEFAULT_CONFIGS + OPT_IN_CONFIGS + MINILM_EXTRA_CONFIGS
     results = []
-    for variant in [None, *candidates(configs, calibration_batches(tokenizer, profile.calibration_sentences), notes)]:
+    calibration = calibration_batches(tokenizer, profile.calibration_sentences)
+    for variant in [None, *candidates(configs, calibration, notes, DEFAULT_CONFIGS)]:
         model = None if variant is None else make_variant(variant, base, notes, "MiniLM")
         if variant is not None and model is None:
             continue

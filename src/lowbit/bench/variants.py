@@ -17,8 +17,8 @@ from .peers import peer_list
 
 # one of each config class with its defaults (intx at 3 bits; every bit width has rows of its own in bench.intx)
 DEFAULT_CONFIGS = [c for c in NAMED_CONFIGS.values() if not isinstance(c, IntxWeightOnly) or c.bits == 3]
-# opt-in kernels measured beside the defaults
-OPT_IN_CONFIGS = [lowbit.Int8WeightOnly(kernel="onednn"), lowbit.Int8DynamicActivation(kernel="onednn")]
+# opt-in kernels measured beside the defaults (avx512: int8 activations on the canonical weight, few-row GEMV)
+OPT_IN_CONFIGS = [lowbit.Int8WeightOnly(kernel="onednn"), lowbit.Int8DynamicActivation(kernel="avx512")]
 # non-default settings that BENCHMARKS.md's accuracy table reports on MiniLM
 MINILM_EXTRA_CONFIGS = [lowbit.Int4WeightOnly(group_size=32), lowbit.Int8DynamicActivation(act_symmetric=True),
                         lowbit.StaticInt8(smoothing=None), lowbit.StaticInt8(observer="histogram")]
@@ -53,9 +53,21 @@ def lowbit_variant(config, calibration) -> Variant:
     return Variant(f"lowbit {config.label()}", lambda m: lowbit_quantize(m, config, calibration))
 
 
-def candidates(configs, calibration, notes: list[str]) -> list[Variant]:
-    """lowbit with each of ``configs``, then every installed peer (a note in ``notes`` for each one missing)."""
-    return [lowbit_variant(c, calibration) for c in configs] + [Variant(name, make, like=like) for name, like, make in peer_list(notes)]
+BF16_SUFFIX = " on bf16"  # rows of a config on the model cast to bf16 after quantize_ (int8-mixed-bf16)
+
+
+def lowbit_bf16_variant(config, calibration) -> Variant:
+    """``config`` as a bf16 user runs it (README): quantized from the fp32 weights, then the model cast to bf16,
+    taking bf16 inputs."""
+    return Variant(f"lowbit {config.label()}{BF16_SUFFIX}",
+                   lambda m: lowbit_quantize(m, config, calibration).to(torch.bfloat16), torch.bfloat16)
+
+
+def candidates(configs, calibration, notes: list[str], bf16_configs=()) -> list[Variant]:
+    """lowbit with each of ``configs``, then with each of ``bf16_configs`` on the bf16 model, then every installed
+    peer (a note in ``notes`` for each one missing)."""
+    return ([lowbit_variant(c, calibration) for c in configs] + [lowbit_bf16_variant(c, calibration) for c in bf16_configs]
+            + [Variant(name, make, like=like) for name, like, make in peer_list(notes)])
 
 
 def make_variant(variant: Variant, base: nn.Module, notes: list[str], where: str) -> nn.Module | None:
