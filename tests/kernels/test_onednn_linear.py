@@ -110,3 +110,20 @@ def test_module_swap_holding_the_packed_weight_survives_copies():
     assert model[0].packed.layout == torch._mkldnn and not hasattr(model[0], "qdata")
     assert_survives_copies(model, torch.randn(6, 64))
     assert copy.deepcopy(model)[0].packed.layout == torch._mkldnn
+
+
+def test_module_swap_cast_to_bf16_keeps_the_row_sums_exact():
+    """``model.to(torch.bfloat16)`` casts a module swap's float buffers; the weight row sums behind the zero-point
+    correction stay exact int32 (here ~41000, which bf16 would round by up to 128) and the kernels read them as such."""
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 32)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 512) * 0.01 + 0.05)  # int8 rows near +90: large row sums
+    subclass = lowbit.quantize_(nn.Sequential(copy.deepcopy(linear)), lowbit.Int8DynamicActivation()).to(torch.bfloat16)
+    swapped = lowbit.quantize_(nn.Sequential(copy.deepcopy(linear)), lowbit.Int8DynamicActivation(),
+                               module_swap=True).to(torch.bfloat16)
+    assert swapped[0].packed_aux.dtype == torch.int32
+    x = (torch.rand(8, 512) + 0.5).to(torch.bfloat16)  # one-sided: zero points at the end of the range
+    expected = subclass(x).float()
+    error = (swapped(x).float() - expected).norm() / expected.norm()
+    assert error < 2**-7  # the swap's weight scales rounded to bf16 (2^-9) and its bf16 output

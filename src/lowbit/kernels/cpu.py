@@ -57,16 +57,17 @@ PACK_ROWS = 256  # packing works on this many weight rows at a time: temporaries
 
 
 def weight_colsum(tensors, meta) -> dict:
-    """Per-output-row sum of int8 weights, for the activation zero-point correction."""
+    """Per-output-row sum of int8 weights, for the activation zero-point correction: int32 (N,), exact, and kept
+    so when a module swap's buffers follow ``model.to(torch.bfloat16)`` (bf16 would round sums above 256)."""
     sums = [rows.sum(-1, dtype=torch.int32) for rows in tensors["qdata"].split(PACK_ROWS)]
-    return {"packed_aux": torch.cat(sums).float()}  # (N,)
+    return {"packed_aux": torch.cat(sums)}
 
 
 def colsum(tensors) -> torch.Tensor:
-    """The packed row sums as float32 (a module swap's buffers follow ``model.to(dtype)``); recomputed only for
-    views (e.g. ``x @ w.t()``) that dropped them."""
+    """The packed row sums as float32 (exact: |sum| <= 128 K); recomputed only for views (e.g. ``x @ w.t()``)
+    that dropped them."""
     packed = tensors.get("packed_aux")
-    return packed.float() if packed is not None else weight_colsum(tensors, None)["packed_aux"]
+    return (packed if packed is not None else weight_colsum(tensors, None)["packed_aux"]).float()
 
 
 def finish(out: torch.Tensor, x: torch.Tensor, scale=None, bias=None) -> torch.Tensor:
