@@ -2,8 +2,9 @@
 
 Small batches (a few rows) are memory bound: a GEMV decodes int8/float8 weights in
 registers and reads each weight byte once. Larger batches are compute bound: weights are decoded
-to bfloat16 (exact for float8; int4 values times their scale rounded to bf16) and multiplied by
-oneDNN's bf16 GEMM, or int8 weights go through two int8 GEMMs (:mod:`lowbit.kernels.cpu`).
+to bfloat16 (exact for int8 and float8; int4 values times their scale rounded to bf16) panel by panel
+inside an AVX512-BF16 GEMM (:mod:`lowbit.kernels.decode_gemm`); CPUs without AVX512-BF16 decode blocks
+of rows for oneDNN's bf16 GEMM, and int8 weights there go through two int8 GEMMs (:mod:`lowbit.kernels.cpu`).
 
 Non-finite activations follow the rule of every kernel (:mod:`lowbit.kernels.reference`): the native row
 quantizers and the bf16 conversion report a row holding a NaN by a NaN row scale, which the epilogues
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..primitives.affine import choose_qparams
-from . import native
+from . import decode_gemm, native
 from .cpu import colsum, finish, int_mm, weight_colsum
 from .ops import custom_op
 from .registry import Call, register_kernel
@@ -79,14 +80,17 @@ def bf16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, row_scale
 
 
-def _decoded_linear(x: torch.Tensor, n: int, decode_rows, w_scale=None, row_scale=None, bias=None) -> torch.Tensor:
-    """(M, K) @ W^T with W decoded to bf16 one cache-sized block of rows at a time, then per block one pass
-    for the bf16 -> float32 widening, ``w_scale`` (N,), ``row_scale`` (M,) and ``bias`` -> (M, N) float32.
-    Without ``row_scale`` x holds float activations, rounded to bf16 here (:func:`bf16_rows`); with it, x holds
-    values exact in bf16 (rounded to float8) and row_scale their per-row scale."""
+def _decoded_linear(x: torch.Tensor, n: int, decode_rows, fused, w_scale=None, row_scale=None, bias=None) -> torch.Tensor:
+    """(M, K) @ W^T * ``w_scale`` (N,) * ``row_scale`` (M,) + ``bias`` -> (M, N) float32, W decoded to bf16 inside
+    the GEMM by ``fused(rows, row_scale)`` (:mod:`.decode_gemm`) where the CPU has AVX512-BF16; elsewhere W is decoded
+    one cache-sized block of rows at a time by ``decode_rows`` for oneDNN's bf16 GEMM, then per block one pass for the
+    widening, the scales and the bias. Without ``row_scale`` x holds float activations, rounded to bf16 here
+    (:func:`bf16_rows`); with it, x holds values exact in bf16 (rounded to float8) and row_scale their per-row scale."""
     if row_scale is None:
         x, row_scale = bf16_rows(x)
     x = x.to(torch.bfloat16).contiguous()
+    if decode_gemm.unavailable() is None:
+        return fused(x, row_scale)
     (m, k), threads = x.shape, torch.get_num_threads()
     rows = max(16, CHUNK_BYTES // (2 * k))
     scratch = _scratch(min(rows, n) * k).view(-1, k)
@@ -113,8 +117,10 @@ def fp8_decoded_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     codes = codes.contiguous()
     n, k = codes.shape
     threads = torch.get_num_threads()
+    w_scale, bias = _vector(scale).expand(n).contiguous(), _vector(bias)
     return _decoded_linear(x, n, lambda row0, count, dst: _lib().lowbit_fp8_rows_to_bf16(codes.data_ptr(), dst, k, row0, count, threads),
-                           _vector(scale).expand(n).contiguous(), _vector(row_scale), _vector(bias))
+                           lambda rows, row_scale: decode_gemm.fp8_decode_gemm(rows, row_scale, codes, w_scale, bias, False),
+                           w_scale, _vector(row_scale), bias)
 
 
 @fp8_decoded_linear.register_fake
@@ -135,7 +141,11 @@ def int4_decoded_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
         _lib().lowbit_int4_rows_to_bf16(packed.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
                                         dst, k, group_size, row0, count, threads)
 
-    return _decoded_linear(x, n, decode, bias=_vector(bias))
+    def fused(rows, row_scale):
+        return decode_gemm.int4_decode_gemm(rows, row_scale, packed, scale, zero, bias, group_size, False)
+
+    bias = _vector(bias)
+    return _decoded_linear(x, n, decode, fused, bias=bias)
 
 
 @int4_decoded_linear.register_fake
@@ -202,12 +212,15 @@ def _(x, weight, w_scale, row_sums, bias, symmetric, act_scale=None, act_zero=No
 @custom_op("lowbit::int8_weight_linear")
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
-    """Weight-only int8 linear, float32 (M, N), on a per-token 16-bit split of the activation
-    (two int8 halves): VNNI GEMV for few rows, two oneDNN int8 GEMMs above."""
+    """Weight-only int8 linear, float32 (M, N): VNNI GEMV on a per-token 16-bit split of the activation (two
+    int8 halves) for few rows; above, the activation rounded to bf16 and the weight decoded to bf16 (exact) inside
+    the GEMM where the CPU has AVX512-BF16, else two oneDNN int8 GEMMs on the split."""
     x = x.contiguous().float()
     (m, k), threads = x.shape, torch.get_num_threads()
     if m <= GEMV_ROWS_INT8:
         return _int8_small(x, weight, w_scale, row_sums, bias, 0)
+    if decode_gemm.unavailable() is None:
+        return decode_gemm.int8_decode_gemm(*bf16_rows(x), weight, w_scale, bias, False)
     halves, x_scale = torch.empty(2, m, k, dtype=torch.int8), torch.empty(m)
     _lib().lowbit_split_rows_16(x.data_ptr(), halves[0].data_ptr(), halves[1].data_ptr(), x_scale.data_ptr(), m, k, 0, threads)
     w_t = weight.t()
@@ -228,7 +241,7 @@ def _int8_args(x, tensors, bias):
 @register_kernel("linear", "int8", "avx512", devices=("cpu",), priority=20, granularities=("per_row",),
                  requires=native.unavailable, pack=weight_colsum)
 def int8_weight_avx512(x, tensors, meta, bias):
-    """Weight-only int8 through VNNI/oneDNN integer GEMMs on a 16-bit activation split."""
+    """Weight-only int8: VNNI GEMV on a 16-bit activation split for few rows, the bf16 decode GEMM above."""
     out = int8_weight_linear(*_int8_args(x, tensors, bias))
     return finish(out, x, None, None)
 

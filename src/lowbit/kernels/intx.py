@@ -8,7 +8,7 @@ transpose, AVX512-VBMI + GFNI), so the few-row GEMV reads ``bits`` / 8 bytes per
 the width. Few rows: one fused C call on a per-token 16-bit split of the activation (two int8 halves,
 :func:`lowbit.kernels.cpu.split_activation_16bit`), VNNI products on the unsigned codes, per-group int32 sums
 scaled in float, the zero point through the per-group sums of the activation codes, and the bias. More rows: the
-planes decoded to bf16 a cache-sized block of rows at a time for oneDNN's bf16 GEMM.
+planes decoded to bf16 a panel at a time inside an AVX512-BF16 GEMM (:mod:`.decode_gemm`).
 
 Non-finite activations follow the rule of every kernel (:mod:`lowbit.kernels.reference`): the native 16-bit
 split and the bf16 conversion give a row holding a NaN a NaN scale (all its outputs NaN) and saturate +-inf at
@@ -21,7 +21,7 @@ import torch
 
 from ..primitives.packing import pack_bits, unpack_bits
 from ..primitives.qtypes import get_qtype
-from . import native
+from . import decode_gemm, native
 from .avx512 import _decoded_linear, _lib, _ptr, _rows, _vector
 from .cpu import PACK_ROWS, finish
 from .ops import custom_op
@@ -92,7 +92,8 @@ def _(x, planes, scale, zero_point, bias, group_size, bits):
 def intx_decoded_linear(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                         bias: torch.Tensor | None, group_size: int, bits: int) -> torch.Tensor:
     """x (M, K) @ W^T + bias, float32 (M, N), with W's bit planes decoded to bf16 ((q - zero) * scale rounded
-    once) a block of rows at a time for oneDNN's bf16 GEMM."""
+    once) inside the GEMM (:func:`.decode_gemm.intx_decode_gemm`), or a block of rows at a time for oneDNN's bf16
+    GEMM where the CPU has no AVX512-BF16."""
     planes, scale = planes.contiguous(), scale.float().contiguous()
     zero = None if zero_point is None else zero_point.contiguous()
     (n, k), threads = (planes.shape[0], x.shape[-1]), torch.get_num_threads()
@@ -101,7 +102,11 @@ def intx_decoded_linear(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tens
         _lib().lowbit_intx_rows_to_bf16(planes.data_ptr(), scale.data_ptr(), _ptr(zero), dst, k, group_size, bits, row0,
                                         count, threads)
 
-    return _decoded_linear(x, n, decode, bias=_vector(bias))
+    def fused(rows, row_scale):
+        return decode_gemm.intx_decode_gemm(rows, row_scale, planes, scale, zero, bias, group_size, bits, False)
+
+    bias = _vector(bias)
+    return _decoded_linear(x, n, decode, fused, bias=bias)
 
 
 @intx_decoded_linear.register_fake

@@ -80,10 +80,15 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.lowbit_intx_pack_planes.argtypes = [ptr, ptr, i64, i64, i64, i32, i32]
     lib.lowbit_intx_linear_small.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32]
     lib.lowbit_intx_rows_to_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32]
+    lib.lowbit_int8_decode_gemm.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i32]
+    lib.lowbit_fp8_decode_gemm.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i32]
+    lib.lowbit_int4_decode_gemm.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i32]
+    lib.lowbit_intx_decode_gemm.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, i32]
     for fn in (lib.lowbit_fp8_gemv, lib.lowbit_fp8_rows_to_bf16, lib.lowbit_int4_rows_to_bf16, lib.lowbit_int8_linear_small,
                lib.lowbit_quantize_rows_int8, lib.lowbit_int32_epilogue, lib.lowbit_bf16_epilogue, lib.lowbit_split_rows_16, lib.lowbit_int4_linear_small,
                lib.lowbit_float8_rows, lib.lowbit_fp8_gemv_table, lib.lowbit_rows_to_bf16, lib.lowbit_intx_pack_planes,
-               lib.lowbit_intx_linear_small, lib.lowbit_intx_rows_to_bf16):
+               lib.lowbit_intx_linear_small, lib.lowbit_intx_rows_to_bf16, lib.lowbit_int8_decode_gemm,
+               lib.lowbit_fp8_decode_gemm, lib.lowbit_int4_decode_gemm, lib.lowbit_intx_decode_gemm):
         fn.restype = None
     return lib, None
 

@@ -18,6 +18,65 @@ static inline __m256i to_bf16(__m512 f) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
 }
 
+/* 32 e4m3fn codes -> 32 bfloat16 bit patterns, exactly (16-bit lanes; subnormals from a table). */
+static inline __m512i decode_e4m3_bf16(__m256i bytes) {
+    __m512i v = _mm512_cvtepu8_epi16(bytes);
+    __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
+    __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+    /* bf16 of m * 2^-9 for m = 0..7 (entries 8..31 unused) */
+    __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                     0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0x0000);
+    __mmask32 is_sub = _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8));
+    __m512i bits = _mm512_mask_blend_epi16(is_sub, normal, _mm512_permutexvar_epi16(mag, table));
+    return _mm512_or_si512(bits, sign);
+}
+
+/* kc e4m3fn codes -> bf16 at dst, exactly. */
+static inline void e4m3_row_to_bf16(const uint8_t *src, uint16_t *dst, int64_t kc) {
+    for (int64_t k = 0; k < kc; k += 32) {
+        __mmask32 live = kc - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (kc - k)) - 1);
+        _mm512_mask_storeu_epi16((void *)(dst + k), live, decode_e4m3_bf16(_mm256_maskz_loadu_epi8(live, (const void *)(src + k))));
+    }
+}
+
+#define DECODE_SPAN 256 /* k a decode_rows call (and int4_row_to_bf16) takes at most */
+
+/* Packed 4-bit codes of one weight row (K / 2 bytes, low nibble = even k), k in [k0, k0 + kc) with k0 a multiple of
+ * 64 and kc of 32, at most DECODE_SPAN -> bf16 at dst: w = (q - zero) * scale rounded half to even, q unsigned with a
+ * uint8 zero per group, or signed int4 when zero == NULL; groups of G (a multiple of 32) along k, scale and zero the
+ * row's. A group has only 16 values: they are computed once (a 16-entry bf16 table), and each 64 codes decode by
+ * table lookup (vpermw indexed by the nibble, plus 16 for the second group when a group is 32 codes), two word
+ * interleaves restoring k order. */
+static inline void int4_row_to_bf16(const uint8_t *packed, const float *scale, const uint8_t *zero, uint16_t *dst,
+                                    int64_t k0, int64_t kc, int64_t G) {
+    /* word w of a step holds byte order[w]: unpacklo then yields k 0..31 and unpackhi k 32..63 */
+    static const short order[32] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23,
+                                    8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+    static const short half[32] = {0, 0, 0, 0, 16, 16, 16, 16, 0, 0, 0, 0, 16, 16, 16, 16,
+                                   0, 0, 0, 0, 16, 16, 16, 16, 0, 0, 0, 0, 16, 16, 16, 16}; /* codes 32..63: 2nd table */
+    __m512i reorder = _mm512_loadu_si512((const void *)order), second = _mm512_loadu_si512((const void *)half);
+    __m512 codes = zero ? _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+                        : _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0); /* signed nibbles */
+    __m256i table[DECODE_SPAN / 32 + 1]; /* the groups of [k0, k0 + kc) */
+    int64_t g0 = k0 / G;
+    for (int64_t g = g0; g * G < k0 + kc; g++) {
+        __m512 z = _mm512_set1_ps(zero ? (float)zero[g] : 0.0f);
+        table[g - g0] = to_bf16(_mm512_mul_ps(_mm512_sub_ps(codes, z), _mm512_set1_ps(scale[g])));
+    }
+    for (int64_t k = 0; k < kc; k += 64) {
+        int full = kc - k >= 64; /* else the last 32 codes */
+        int64_t first = (k0 + k) / G - g0, next = (k0 + (full ? k + 32 : k)) / G - g0;
+        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(table[first]), table[next], 1);
+        __m256i bytes = _mm256_maskz_loadu_epi8(full ? 0xFFFFFFFFu : 0xFFFFu, (const void *)(packed + (k0 + k) / 2));
+        __m512i w = _mm512_permutexvar_epi16(reorder, _mm512_cvtepu8_epi16(bytes));
+        __m512i lo = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(w, _mm512_set1_epi16(0x0F), second, 0xEA), both);
+        __m512i hi = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(w, 4), second), both);
+        _mm512_storeu_si512((void *)(dst + k), _mm512_unpacklo_epi16(lo, hi));
+        if (full) _mm512_storeu_si512((void *)(dst + k + 32), _mm512_unpackhi_epi16(lo, hi));
+    }
+}
+
 static inline float row_reduce(const float *x, int64_t K, int want_max) {
     /* min or max over the finite values of a row, seeded with 0 (the range always holds 0) */
     __m512 best = _mm512_setzero_ps();
@@ -81,3 +140,16 @@ static inline void split_row_16(const float *row, int8_t *hi, int8_t *lo, float 
     }
     if (nan) *scale = __builtin_nanf("");
 }
+
+/* Prefetch `bytes` from p (weights a decoder will read; into L1: measured faster than into L2 here). */
+static inline void prefetch_lines(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+}
+
+/* The weight-only decode GEMM (decode_gemm.c): out (M, N) = x (M, K) bf16 @ W^T * w_scale (N,) * row_scale (M,) +
+ * bias, float32 or bf16 (out_bf16), W's rows decoded to bf16 by `decode`: decode(weights, n, k0, kc, dst) writes
+ * row n's k in [k0, k0 + kc) to dst, k0 a multiple of DECODE_SPAN and kc = min(DECODE_SPAN, K - k0); with dst NULL
+ * it only prefetches what it would read. Needs AVX512-BF16; w_scale and bias may be NULL. */
+typedef void (*decode_rows)(const void *weights, int64_t n, int64_t k0, int64_t kc, uint16_t *dst);
+void decode_gemm(decode_rows decode, const void *weights, const uint16_t *x, const float *row_scale, const float *w_scale,
+                 const float *bias, void *out, int out_bf16, int64_t M, int64_t N, int64_t K, int threads);

@@ -86,36 +86,10 @@ void lowbit_fp8_gemv(const float *x_in, const uint8_t *w, const float *scale, co
     if (x != x_in) free((void *)x);
 }
 
-/* 32 e4m3fn codes -> 32 bfloat16 bit patterns, exactly (16-bit lanes; subnormals from a table). */
-static inline __m512i decode_e4m3_bf16(__m256i bytes) {
-    __m512i v = _mm512_cvtepu8_epi16(bytes);
-    __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
-    __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
-    __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-    /* bf16 of m * 2^-9 for m = 0..7 (entries 8..31 unused) */
-    __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                     0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0x0000);
-    __mmask32 is_sub = _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8));
-    __m512i bits = _mm512_mask_blend_epi16(is_sub, normal, _mm512_permutexvar_epi16(mag, table));
-    return _mm512_or_si512(bits, sign);
-}
-
 /* Rows [row0, row0 + rows) of (N, K) e4m3 codes -> bfloat16 rows in out (exact: 3 mantissa bits fit). */
 void lowbit_fp8_rows_to_bf16(const uint8_t *w, uint16_t *out, int64_t K, int64_t row0, int64_t rows, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *src = w + (row0 + r) * K;
-        uint16_t *dst = out + r * K;
-        int64_t k = 0;
-        for (; k + 32 <= K; k += 32)
-            _mm512_storeu_si512((void *)(dst + k), decode_e4m3_bf16(_mm256_loadu_si256((const __m256i *)(src + k))));
-        for (; k < K; k++) {
-            float f = decode_e4m3_scalar(src[k]);
-            uint32_t b;
-            __builtin_memcpy(&b, &f, 4);
-            dst[k] = (uint16_t)(b >> 16);
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) e4m3_row_to_bf16(w + (row0 + r) * K, out + r * K, K);
 }
 
 /* Per-row dynamic float8 e4m3fn quantization of x (M, K) as lowbit.primitives.affine does it:

@@ -1,49 +1,17 @@
 /* Int4 kernels: bf16 decode of packed nibbles and the fused small-batch weight-only linear. */
 #include "common.h"
 
-/* Rows [row0, row0 + rows) of packed 4-bit weights (N, K/2), low nibble = even k, groups of G
- * along K -> bfloat16 rows in out: w = (q - zero) * scale rounded half to even, q unsigned with a uint8 zero
- * per group, or signed int4 when zero == NULL. G is a multiple of 32.
- * A group has only 16 values: they are computed once per group (a 16-entry bf16 table), and each 64 codes
- * decode by table lookup (vpermw indexed by the nibble, plus 16 for the second group when a group is 32
- * codes), two word interleaves restoring k order. */
+/* Rows [row0, row0 + rows) of packed 4-bit weights (N, K/2), groups of G along K -> bfloat16 rows in out (see
+ * int4_row_to_bf16). */
 void lowbit_int4_rows_to_bf16(const uint8_t *packed, const float *scale, const uint8_t *zero, uint16_t *out,
                               int64_t K, int64_t G, int64_t row0, int64_t rows, int threads) {
     int64_t groups = K / G;
-    /* word w of a step holds byte order[w]: unpacklo then yields k 0..31 and unpackhi k 32..63 */
-    short order[32], half[32];
-    for (int w = 0; w < 32; w++) {
-        int lane = w / 8, j = w % 8;
-        order[w] = (short)(j < 4 ? 4 * lane + j : 16 + 4 * lane + j - 4);
-        half[w] = (short)(j < 4 ? 0 : 16); /* codes 32..63 of the step: the second half of the table */
-    }
-    __m512i reorder = _mm512_loadu_si512((const void *)order), second = _mm512_loadu_si512((const void *)half);
-    __m512 codes = zero ? _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
-                        : _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0); /* signed nibbles */
-#pragma omp parallel num_threads(threads)
-    {
-        __m256i *table = (__m256i *)aligned_alloc(32, sizeof(__m256i) * groups);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t n = row0 + r;
-            for (int64_t g = 0; g < groups; g++) {
-                __m512 z = _mm512_set1_ps(zero ? (float)zero[n * groups + g] : 0.0f);
-                table[g] = to_bf16(_mm512_mul_ps(_mm512_sub_ps(codes, z), _mm512_set1_ps(scale[n * groups + g])));
-            }
-            const uint8_t *src = packed + n * (K / 2);
-            uint16_t *dst = out + r * K;
-            for (int64_t k = 0; k < K; k += 64) {
-                int full = K - k >= 64; /* else the last 32 codes */
-                __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(table[k / G]), table[(full ? k + 32 : k) / G], 1);
-                __m256i bytes = _mm256_maskz_loadu_epi8(full ? 0xFFFFFFFFu : 0xFFFFu, (const void *)(src + k / 2));
-                __m512i w = _mm512_permutexvar_epi16(reorder, _mm512_cvtepu8_epi16(bytes));
-                __m512i lo = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(w, _mm512_set1_epi16(0x0F), second, 0xEA), both);
-                __m512i hi = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(w, 4), second), both);
-                _mm512_storeu_si512((void *)(dst + k), _mm512_unpacklo_epi16(lo, hi));
-                if (full) _mm512_storeu_si512((void *)(dst + k + 32), _mm512_unpackhi_epi16(lo, hi));
-            }
-        }
-        free(table);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t n = row0 + r;
+        for (int64_t k0 = 0; k0 < K; k0 += DECODE_SPAN)
+            int4_row_to_bf16(packed + n * (K / 2), scale + n * groups, zero ? zero + n * groups : NULL, out + r * K + k0, k0,
+                             K - k0 < DECODE_SPAN ? K - k0 : DECODE_SPAN, G);
     }
 }
 

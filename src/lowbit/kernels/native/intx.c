@@ -18,6 +18,7 @@
 #define INTX_NR 4         /* weight rows of a tile for one or two activation rows */
 #define INTX_PREFETCH_ROWS 8 /* prefetch distance in weight rows: a tile's rows are adjacent, so this reads ahead of all */
 #define CHUNK 256            /* codes per chunk: 4 blocks */
+_Static_assert(CHUNK == DECODE_SPAN, "intx_rows decodes one chunk per decode_rows call");
 
 /* Chunk order -> k order: entry 64u + p of a chunk holds k = 16 * (p / 4) + 4u + p % 4, i.e. 4-byte word 16u + i of
  * the chunk is word 4i + u in k order (see the top). */
@@ -248,43 +249,74 @@ GFNI_TARGET void lowbit_intx_linear_small(const float *x, const uint8_t *planes,
     free(a);
 }
 
-/* Rows [row0, row0 + rows) of planes -> bfloat16 rows of K in out: w = (q - zero) * scale rounded half to even
- * (zero NULL: the implied 2^(bits-1)). A chunk's four blocks interleave back into k order 4-byte word by word; G is a
- * multiple of 32, so 16 consecutive codes share a group. */
-GFNI_TARGET void lowbit_intx_rows_to_bf16(const uint8_t *planes, const float *scale, const uint8_t *zero, uint16_t *out,
-                                          int64_t K, int64_t G, int64_t bits, int64_t row0, int64_t rows, int threads) {
-    int64_t chunks = (K + CHUNK - 1) / CHUNK, block_bytes = 8 * bits, row_bytes = chunks * 4 * block_bytes, groups = K / G;
-    float implied = (float)(1 << (bits - 1));
+/* A weight's planes, scales and zero points with decode64's tables, for intx_rows. */
+typedef struct {
+    const uint8_t *planes;
+    const float *scale;
+    const uint8_t *zero;
+    int64_t K, G, bits;
+    float implied;
     __mmask64 bytes, plane_mask;
     __m512i gather;
-    decode_tables(bits, &bytes, &gather, &plane_mask);
-    /* k-order word w of quarter h is word 4h + w / 4 of block w % 4: from blocks (0, 1), then (2, 3), then blended */
-    int order[4][16];
-    for (int h = 0; h < 4; h++)
-        for (int w = 0; w < 16; w++) order[h][w] = 16 * (w % 2) + 4 * h + w / 4;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t n = row0 + r;
-        const float *sr = scale + n * groups;
-        const uint8_t *zr = zero ? zero + n * groups : NULL;
-        for (int64_t c = 0; c < chunks; c++) {
-            const uint8_t *chunk = planes + n * row_bytes + c * 4 * block_bytes;
-            __m512i b[4];
-            for (int u = 0; u < 4; u++) b[u] = decode64(chunk + u * block_bytes, bytes, gather, plane_mask);
-            for (int h = 0; h < 4 && CHUNK * c + 64 * h < K; h++) {
-                __m512i index = _mm512_loadu_si512((const void *)order[h]);
-                __m512i codes = _mm512_mask_blend_epi32((__mmask16)0xCCCC, _mm512_permutex2var_epi32(b[0], index, b[1]),
-                                                        _mm512_permutex2var_epi32(b[2], index, b[3])); /* k 256c + 64h .. + 63 */
-                __m128i part[4] = {_mm512_extracti32x4_epi32(codes, 0), _mm512_extracti32x4_epi32(codes, 1),
-                                   _mm512_extracti32x4_epi32(codes, 2), _mm512_extracti32x4_epi32(codes, 3)};
-                for (int q = 0; q < 4 && CHUNK * c + 64 * h + 16 * q < K; q++) {
-                    int64_t k = CHUNK * c + 64 * h + 16 * q, g = k / G;
-                    __m512 z = _mm512_set1_ps(zr ? (float)zr[g] : implied);
-                    __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[q])), z),
-                                             _mm512_set1_ps(sr[g]));
-                    _mm256_storeu_si256((__m256i *)(out + r * K + k), to_bf16(w));
-                }
-            }
+} intx_weights;
+
+static void intx_weights_init(intx_weights *w, const uint8_t *planes, const float *scale, const uint8_t *zero, int64_t K,
+                              int64_t G, int64_t bits) {
+    w->planes = planes, w->scale = scale, w->zero = zero, w->K = K, w->G = G, w->bits = bits;
+    w->implied = (float)(1 << (bits - 1));
+    decode_tables(bits, &w->bytes, &w->gather, &w->plane_mask);
+}
+
+/* decode_rows (common.h) of planes: chunk k0 / CHUNK of row n -> bf16 w = (q - zero) * scale rounded half to even (zero
+ * NULL: the implied 2^(bits-1)). A chunk's four blocks interleave back into k order 4-byte word by word; G is a
+ * multiple of 32, so 16 consecutive codes share a group. */
+GFNI_TARGET static void intx_rows(const void *weights, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
+    const intx_weights *w = (const intx_weights *)weights;
+    int64_t block_bytes = 8 * w->bits, row_bytes = (w->K + CHUNK - 1) / CHUNK * 4 * block_bytes, groups = w->K / w->G;
+    const float *sr = w->scale + n * groups;
+    const uint8_t *zr = w->zero ? w->zero + n * groups : NULL, *chunk = w->planes + n * row_bytes + k0 / CHUNK * 4 * block_bytes;
+    /* k-order word i of quarter h is word 4h + i / 4 of block i % 4: from blocks (0, 1), then (2, 3), then blended */
+    static const int order[4][16] = {{0, 16, 0, 16, 1, 17, 1, 17, 2, 18, 2, 18, 3, 19, 3, 19},
+                                     {4, 20, 4, 20, 5, 21, 5, 21, 6, 22, 6, 22, 7, 23, 7, 23},
+                                     {8, 24, 8, 24, 9, 25, 9, 25, 10, 26, 10, 26, 11, 27, 11, 27},
+                                     {12, 28, 12, 28, 13, 29, 13, 29, 14, 30, 14, 30, 15, 31, 15, 31}};
+    if (!dst) {
+        prefetch_lines(chunk, 4 * block_bytes);
+        return;
+    }
+    __m512i b[4];
+    for (int u = 0; u < 4; u++) b[u] = decode64(chunk + u * block_bytes, w->bytes, w->gather, w->plane_mask);
+    for (int h = 0; h < 4 && 64 * h < kc; h++) {
+        __m512i index = _mm512_loadu_si512((const void *)order[h]);
+        __m512i codes = _mm512_mask_blend_epi32((__mmask16)0xCCCC, _mm512_permutex2var_epi32(b[0], index, b[1]),
+                                                _mm512_permutex2var_epi32(b[2], index, b[3])); /* k k0 + 64h .. + 63 */
+        __m128i part[4] = {_mm512_extracti32x4_epi32(codes, 0), _mm512_extracti32x4_epi32(codes, 1),
+                           _mm512_extracti32x4_epi32(codes, 2), _mm512_extracti32x4_epi32(codes, 3)};
+        for (int q = 0; q < 4 && 64 * h + 16 * q < kc; q++) {
+            int64_t k = 64 * h + 16 * q, g = (k0 + k) / w->G;
+            __m512 z = _mm512_set1_ps(zr ? (float)zr[g] : w->implied);
+            __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[q])), z), _mm512_set1_ps(sr[g]));
+            _mm256_storeu_si256((__m256i *)(dst + k), to_bf16(v));
         }
     }
+}
+
+/* Rows [row0, row0 + rows) of planes -> bfloat16 rows of K in out (intx_rows), for a bf16 GEMM where the CPU has no
+ * AVX512-BF16. */
+GFNI_TARGET void lowbit_intx_rows_to_bf16(const uint8_t *planes, const float *scale, const uint8_t *zero, uint16_t *out,
+                                          int64_t K, int64_t G, int64_t bits, int64_t row0, int64_t rows, int threads) {
+    intx_weights w;
+    intx_weights_init(&w, planes, scale, zero, K, G, bits);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k0 = 0; k0 < K; k0 += CHUNK) intx_rows(&w, row0 + r, k0, K - k0 < CHUNK ? K - k0 : CHUNK, out + r * K + k0);
+}
+
+/* The decode GEMM (common.h) on planes: out = x (M, K) bf16 @ W^T * row_scale (M,) + bias, float32 or bf16. */
+GFNI_TARGET void lowbit_intx_decode_gemm(const uint16_t *x, const float *row_scale, const uint8_t *planes, const float *scale,
+                                         const uint8_t *zero, const float *bias, void *out, int out_bf16, int64_t M, int64_t N,
+                                         int64_t K, int64_t G, int64_t bits, int threads) {
+    intx_weights w;
+    intx_weights_init(&w, planes, scale, zero, K, G, bits);
+    decode_gemm(intx_rows, &w, x, row_scale, NULL, bias, out, out_bf16, M, N, K, threads);
 }
