@@ -43,13 +43,14 @@ static inline void e4m3_row_to_bf16(const uint8_t *src, uint16_t *dst, int64_t k
 #define DECODE_SPAN 256 /* k a decode_rows call (and int4_row_to_bf16) takes at most */
 
 /* Packed 4-bit codes of one weight row (K / 2 bytes, low nibble = even k), k in [k0, k0 + kc) with k0 a multiple of
- * 64 and kc of 32, at most DECODE_SPAN -> bf16 at dst: w = (q - zero) * scale rounded half to even, q unsigned with a
- * uint8 zero per group, or signed int4 when zero == NULL; groups of G (a multiple of 32) along k, scale and zero the
- * row's. A group has only 16 values: they are computed once (a 16-entry bf16 table), and each 64 codes decode by
- * table lookup (vpermw indexed by the nibble, plus 16 for the second group when a group is 32 codes), two word
- * interleaves restoring k order. */
-static inline void int4_row_to_bf16(const uint8_t *packed, const float *scale, const uint8_t *zero, uint16_t *dst,
-                                    int64_t k0, int64_t kc, int64_t G) {
+ * 64 and kc of 32, at most DECODE_SPAN -> bf16 at dst: w = (q - zero) * scale rounded half to even by `round`, q
+ * unsigned with a uint8 zero per group, or signed int4 when zero == NULL; groups of G (a multiple of 32) along k,
+ * scale and zero the row's. A group has only 16 values: they are computed once (a 16-entry bf16 table), and each 64
+ * codes decode by table lookup (vpermw indexed by the nibble, plus 16 for the second group when a group is 32 codes),
+ * two word interleaves restoring k order. round is to_bf16, or a CPU's own conversion (inlined: always_inline). */
+static inline __attribute__((always_inline)) void int4_row_to_bf16(const uint8_t *packed, const float *scale,
+                                                                   const uint8_t *zero, uint16_t *dst, int64_t k0,
+                                                                   int64_t kc, int64_t G, __m256i (*round)(__m512)) {
     /* word w of a step holds byte order[w]: unpacklo then yields k 0..31 and unpackhi k 32..63 */
     static const short order[32] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23,
                                     8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
@@ -62,7 +63,7 @@ static inline void int4_row_to_bf16(const uint8_t *packed, const float *scale, c
     int64_t g0 = k0 / G;
     for (int64_t g = g0; g * G < k0 + kc; g++) {
         __m512 z = _mm512_set1_ps(zero ? (float)zero[g] : 0.0f);
-        table[g - g0] = to_bf16(_mm512_mul_ps(_mm512_sub_ps(codes, z), _mm512_set1_ps(scale[g])));
+        table[g - g0] = round(_mm512_mul_ps(_mm512_sub_ps(codes, z), _mm512_set1_ps(scale[g])));
     }
     for (int64_t k = 0; k < kc; k += 64) {
         int full = kc - k >= 64; /* else the last 32 codes */

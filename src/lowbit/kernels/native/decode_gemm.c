@@ -97,8 +97,12 @@ static void e4m3_rows(const void *weights, int64_t n, int64_t k0, int64_t kc, ui
     e4m3_row_to_bf16(w->codes + n * w->K + k0, dst, kc);
 }
 
+/* float32 -> bf16 by vcvtneps2bf16: round half to even as to_bf16, one instruction. It flushes subnormals, which
+ * int4 tables never hold: (q - zero) * scale is 0 or at least the scale, a normal number (the scale floor). */
+BF16_TARGET static inline __m256i round_bf16(__m512 f) { return (__m256i)_mm512_cvtneps_pbh(f); }
+
 /* decode_rows of packed int4 codes with group scales (and zero points): rounded to bf16 half to even. */
-static void int4_rows(const void *weights, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
+BF16_TARGET static void int4_rows(const void *weights, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
     const coded_rows *w = (const coded_rows *)weights;
     int64_t groups = w->K / w->G;
     const uint8_t *row = w->codes + n * (w->K / 2);
@@ -106,7 +110,7 @@ static void int4_rows(const void *weights, int64_t n, int64_t k0, int64_t kc, ui
         prefetch_lines(row + k0 / 2, kc / 2);
         return;
     }
-    int4_row_to_bf16(row, w->scale + n * groups, w->zero ? w->zero + n * groups : NULL, dst, k0, kc, w->G);
+    int4_row_to_bf16(row, w->scale + n * groups, w->zero ? w->zero + n * groups : NULL, dst, k0, kc, w->G, round_bf16);
 }
 
 /* c[j][m] (+)= sum over `pairs` k pairs of panel row j times activation rows m of a, for j < nr and 16 * mb rows

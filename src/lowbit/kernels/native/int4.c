@@ -11,7 +11,7 @@ void lowbit_int4_rows_to_bf16(const uint8_t *packed, const float *scale, const u
         int64_t n = row0 + r;
         for (int64_t k0 = 0; k0 < K; k0 += DECODE_SPAN)
             int4_row_to_bf16(packed + n * (K / 2), scale + n * groups, zero ? zero + n * groups : NULL, out + r * K + k0, k0,
-                             K - k0 < DECODE_SPAN ? K - k0 : DECODE_SPAN, G);
+                             K - k0 < DECODE_SPAN ? K - k0 : DECODE_SPAN, G, to_bf16);
     }
 }
 
