@@ -85,6 +85,17 @@ def test_decode_gemm_matches_float64_on_the_decoded_weight(kind, group, k, bf16_
             assert_within(out.double(), expected, bound, f"{kind} M={m} K={k} bias={bias is not None}")
 
 
+def test_an_activation_of_more_than_8_mb_takes_wider_weight_blocks():
+    """M x K past 8 MB of bf16 pairs: the kernel walks N in blocks of up to 192 rows (the same products)."""
+    gen = torch.Generator().manual_seed(4)
+    m, n, k = 300, 200, 14001
+    call, weight = weights("e4m3_row", n, k, gen=gen)
+    rows, bias = torch.randn(m, k, generator=gen).to(torch.bfloat16), torch.randn(n, generator=gen)
+    expected = rows.double() @ weight.T + bias.double()
+    bound = (k + 4) * U * (rows.double().abs() @ weight.abs().T + bias.double().abs())
+    assert_within(call(rows, torch.ones(m), bias, False).double(), expected, bound, "wide blocks")
+
+
 @pytest.mark.parametrize("kind, group, k", [("int8", 0, 256), ("e4m3_row", 0, 254 * 2), ("int4_zero", 32, 288),
                                             ("int4_symmetric", 64, 320), ("int4_zero", 256, 512),
                                             pytest.param("intx_zero", 128, 256, marks=needs_planes)], ids=lambda v: str(v))

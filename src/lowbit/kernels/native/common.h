@@ -65,9 +65,13 @@ static inline __attribute__((always_inline)) void int4_row_to_bf16(const uint8_t
         __m512 z = _mm512_set1_ps(zero ? (float)zero[g] : 0.0f);
         table[g - g0] = round(_mm512_mul_ps(_mm512_sub_ps(codes, z), _mm512_set1_ps(scale[g])));
     }
+    int64_t t = 0, into = k0 - g0 * G; /* the table of the next 32 codes, and their offset in its group (no divisions) */
     for (int64_t k = 0; k < kc; k += 64) {
         int full = kc - k >= 64; /* else the last 32 codes */
-        int64_t first = (k0 + k) / G - g0, next = (k0 + (full ? k + 32 : k)) / G - g0;
+        int64_t first = t;
+        if ((into += 32) == G) into = 0, t++;
+        int64_t next = full ? t : first;
+        if (full && (into += 32) == G) into = 0, t++;
         __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(table[first]), table[next], 1);
         __m256i bytes = _mm256_maskz_loadu_epi8(full ? 0xFFFFFFFFu : 0xFFFFu, (const void *)(packed + (k0 + k) / 2));
         __m512i w = _mm512_permutexvar_epi16(reorder, _mm512_cvtepu8_epi16(bytes));

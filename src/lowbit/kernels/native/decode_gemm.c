@@ -9,7 +9,7 @@
  * Tiles are transposed: a register tile is 32 activation rows (two vectors of 16 rows, each lane a pair of k from
  * the activation packed as [M / 16][K / 2][16][2]) times NR weight rows (a broadcast k pair each from the panel,
  * which keeps the decoders' natural k-contiguous rows), so the float32 sums land as [n][m] in a per-thread buffer
- * that the epilogue transposes 16 x 16 into out. Threads split N into blocks of NB weight rows; per block the k
+ * that the epilogue transposes 16 x 16 into out. Threads split N into blocks of nb weight rows; per block the k
  * loop decodes one panel and runs every activation row through it. Each scheme brings its row decoder
  * (decode_rows, common.h): int8, e4m3 and int4 here, intx in intx.c. */
 #include "common.h"
@@ -19,6 +19,8 @@
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define NR 12  /* weight rows of a register tile: 24 accumulators for 32 activation rows */
 #define NB 48  /* weight rows a thread takes at a time: an NB x kc panel and an NB x M float32 buffer */
+#define NB_WIDE 192 /* ... where the packed activation, streamed once per block, exceeds ACT_WIDE bytes (measured) */
+#define ACT_WIDE (8 << 20)
 #define KC_LARGE (4 * DECODE_SPAN) /* k per panel from 64 activation rows: fewer passes over the float32 buffer */
 #define PREFETCH_ROWS 8 /* a panel's decode prefetches this many weight rows ahead */
 
@@ -26,7 +28,7 @@ typedef struct {
     const uint8_t *codes; /* int8 / e4m3 codes (N, K); int4: packed (N, K / 2), low nibble = even k */
     const float *scale;   /* int4: group scales (N, K / G) */
     const uint8_t *zero;  /* int4: uint8 zero points (N, K / G), or NULL for signed codes */
-    int64_t K, G;
+    int64_t K, G, groups; /* groups per weight row (int4) */
 } coded_rows;
 
 /* 16 rows of 16 32-bit lanes -> r[i] = lane i of every row (row j in lane j). */
@@ -104,7 +106,7 @@ BF16_TARGET static inline __m256i round_bf16(__m512 f) { return (__m256i)_mm512_
 /* decode_rows of packed int4 codes with group scales (and zero points): rounded to bf16 half to even. */
 BF16_TARGET static void int4_rows(const void *weights, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
     const coded_rows *w = (const coded_rows *)weights;
-    int64_t groups = w->K / w->G;
+    int64_t groups = w->groups;
     const uint8_t *row = w->codes + n * (w->K / 2);
     if (!dst) {
         prefetch_lines(row + k0 / 2, kc / 2);
@@ -211,15 +213,16 @@ BF16_TARGET void decode_gemm(decode_rows decode, const void *weights, const uint
     if (M <= 0 || N <= 0) return;
     int64_t blocks = (M + 15) / 16, pairs = (K + 1) / 2, ldc = 16 * blocks, ldp = M >= 64 ? KC_LARGE : DECODE_SPAN;
     uint32_t *a = (uint32_t *)aligned_alloc(64, 64 * blocks * pairs + 64);
-    /* N in nblocks equal runs of register tiles (at most NB rows), a multiple of the thread count: threads finish
+    /* N in nblocks equal runs of register tiles (at most nb rows), a multiple of the thread count: threads finish
      * together, and take over a preempted thread's blocks */
-    int64_t units = (N + NR - 1) / NR, per = threads * (NB / NR), nblocks = threads * ((units + per - 1) / per);
+    int64_t nb = 64 * blocks * pairs > ACT_WIDE ? NB_WIDE : NB;
+    int64_t units = (N + NR - 1) / NR, per = threads * (nb / NR), nblocks = threads * ((units + per - 1) / per);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) pack_rows(x, a + b * 16 * pairs, M, K, b, pairs);
-        uint16_t *panel = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * NB * ldp);
-        float *c = (float *)aligned_alloc(64, sizeof(float) * NB * ldc);
+        uint16_t *panel = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * nb * ldp);
+        float *c = (float *)aligned_alloc(64, sizeof(float) * nb * ldc);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t block = 0; block < nblocks; block++) {
             int64_t n0 = block * units / nblocks * NR, end = (block + 1) * units / nblocks * NR;
@@ -245,14 +248,14 @@ BF16_TARGET void decode_gemm(decode_rows decode, const void *weights, const uint
 /* int8 weights (N, K) with per-row scales w_scale (N,). */
 void lowbit_int8_decode_gemm(const uint16_t *x, const float *row_scale, const int8_t *weight, const float *w_scale,
                              const float *bias, void *out, int out_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    coded_rows w = {(const uint8_t *)weight, NULL, NULL, K, 0};
+    coded_rows w = {(const uint8_t *)weight, NULL, NULL, K, 0, 0};
     decode_gemm(int8_rows, &w, x, row_scale, w_scale, bias, out, out_bf16, M, N, K, threads);
 }
 
 /* e4m3fn codes (N, K) as uint8 with scales w_scale (N,). */
 void lowbit_fp8_decode_gemm(const uint16_t *x, const float *row_scale, const uint8_t *codes, const float *w_scale,
                             const float *bias, void *out, int out_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    coded_rows w = {codes, NULL, NULL, K, 0};
+    coded_rows w = {codes, NULL, NULL, K, 0, 0};
     decode_gemm(e4m3_rows, &w, x, row_scale, w_scale, bias, out, out_bf16, M, N, K, threads);
 }
 
@@ -261,6 +264,6 @@ void lowbit_fp8_decode_gemm(const uint16_t *x, const float *row_scale, const uin
 void lowbit_int4_decode_gemm(const uint16_t *x, const float *row_scale, const uint8_t *packed, const float *scale,
                              const uint8_t *zero, const float *bias, void *out, int out_bf16, int64_t M, int64_t N,
                              int64_t K, int64_t G, int threads) {
-    coded_rows w = {packed, scale, zero, K, G};
+    coded_rows w = {packed, scale, zero, K, G, K / G};
     decode_gemm(int4_rows, &w, x, row_scale, NULL, bias, out, out_bf16, M, N, K, threads);
 }
