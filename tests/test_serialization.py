@@ -299,8 +299,9 @@ def _fixture_module():
 @pytest.mark.parametrize("target", ["float", "meta"])
 def test_format_fixture_still_loads(target, version):
     """Each format version as committed: dequantized weights must match exactly; outputs up to the float
-    rounding by which this machine's kernels may differ from those of the machine that wrote it. Format 1 named
-    kernels and config labels (read, not used); format 2 holds specs."""
+    rounding by which this machine's kernels may differ from those of the machine (and lowbit version) that wrote it,
+    which a later layer's activation quantization can turn into one int8 step (1/127 of a row's range). Format 1
+    named kernels and config labels (read, not used); format 2 holds specs."""
     fixture = _fixture_module()
     checkpoint, expected = FIXTURES / f"format_v{version}.safetensors", FIXTURES / f"format_v{version}_expected.safetensors"
     assert checkpoint.stat().st_size + expected.stat().st_size < 200_000
@@ -318,7 +319,8 @@ def test_format_fixture_still_loads(target, version):
     assert specs == (set() if version == 1 else {lowbit.specs.describe_spec(c.spec()) for c in fixture.LAYERS.values()})
     assert getattr(model.int4, "lowbit_spec", None) == (None if version == 1 else fixture.LAYERS["int4"].spec())
     with torch.no_grad():
-        torch.testing.assert_close(model(expected["input_ids"]), expected["output"], rtol=1e-4, atol=1e-4)
+        out = model(expected["input_ids"])
+    assert ((out - expected["output"]).norm() / expected["output"].norm()).item() < 1 / 64
 
 
 # -- errors leave the model unchanged ---------------------------------------------------------

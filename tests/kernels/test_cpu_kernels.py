@@ -205,7 +205,7 @@ def test_fused_int8_activation_quantization_is_bit_exact(symmetric, dtype):
     x = rows.float()
     q, scale, zero = (torch.empty(7, 100, dtype=torch.int8), torch.empty(7), torch.empty(7))
     native.library().lowbit_quantize_rows_int8(rows.data_ptr(), q.data_ptr(), scale.data_ptr(), zero.data_ptr(), 7, 100,
-                                               int(symmetric), 0, 0.0, 0.0, int(dtype == torch.bfloat16), 1)
+                                               int(symmetric), 0, 0.0, 0.0, None, int(dtype == torch.bfloat16), 1)
     expected_scale, expected_zero = choose_qparams(x, (1, 100), "int8", symmetric=symmetric, ignore_nonfinite=True)
     expected = quantize(x, expected_scale, expected_zero, (1, 100), "int8", saturate_nonfinite=True)
     assert torch.equal(q, expected)

@@ -17,12 +17,6 @@ MS = [1, 2, 7, 8, 9, 17, 33]  # both sides of every kernel's few-row limit
 SHAPE_CASES = [(case, k) for case in FAST_CASES for k in (INT4_KS if case.scheme == "int4" else KS)]
 
 
-@pytest.fixture(autouse=True)
-def pack_small(monkeypatch):
-    """The oneDNN kernel packs these small weights too (real models pack only weights of 2^20 elements or more)."""
-    monkeypatch.setattr(onednn_linear, "PACK_MIN_WEIGHTS", 0)
-
-
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("config, k", SHAPE_CASES, ids=lambda v: case_id(v) if hasattr(v, "label") else f"K{v}")
 def test_kernel_matches_reference_on_small_and_odd_shapes(config, k, n):
@@ -48,6 +42,5 @@ def test_one_row_and_one_group_weights_take_the_fast_kernels(config, shape):
     """Every kernel registered for the scheme takes such a weight (none refuses it for its granularity)."""
     q = quantized(config, torch.randn(shape))
     tensors, meta = q.kernel_inputs()
-    for name in kernel_names("linear", q.scheme):
-        if name != "cuda":  # the CUDA kernels are selected on a GPU (test_cuda_kernels checks these shapes)
-            assert select_kernel("linear", q.scheme, "cpu", name, meta).name == name
+    for name in kernel_names("linear", q.scheme, "cpu"):  # the CUDA kernels' shapes: test_cuda_kernels
+        assert select_kernel("linear", q.scheme, "cpu", name, meta).name == name

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lowbit import Float8Tensor, Int4Tensor, Int8Tensor
 from lowbit.tensors.blockwise import with_packing
+from lowbit.kernels import decode_gemm
 
 MAKERS = {
     "int8_channel": lambda w: Int8Tensor.from_float(w, (1, w.shape[1])),
@@ -55,7 +56,7 @@ def test_linear_matches_dequantized(make, weight):
     expected = F.linear(x, q.dequantize(), bias)
     torch.testing.assert_close(F.linear(x, q, bias), expected)
     fast = F.linear(x, with_packing(q.rebuild(kernel="auto")), bias)  # float rounding differs, not the math
-    bf16_compute = q.qtype != "int8"  # fast int4/float8 CPU kernels multiply in bfloat16
+    bf16_compute = q.qtype != "int8" or decode_gemm.unavailable() is None  # above 8 rows the fast CPU kernels multiply in bf16
     assert ((fast - expected).norm() / expected.norm()).item() < (5e-3 if bf16_compute else 2e-4)
 
 

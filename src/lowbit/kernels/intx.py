@@ -90,9 +90,9 @@ def _(x, planes, scale, zero_point, bias, group_size, bits):
 
 @custom_op("lowbit::intx_decoded_linear")
 def intx_decoded_linear(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                        bias: torch.Tensor | None, group_size: int, bits: int) -> torch.Tensor:
-    """x (M, K) @ W^T + bias, float32 (M, N), with W's bit planes decoded to bf16 ((q - zero) * scale rounded
-    once) inside the GEMM (:func:`.decode_gemm.intx_decode_gemm`), or a block of rows at a time for oneDNN's bf16
+                        bias: torch.Tensor | None, group_size: int, bits: int, bf16_out: bool = False) -> torch.Tensor:
+    """x (M, K) @ W^T + bias, float32 (M, N) or bf16 with ``bf16_out``, with W's bit planes decoded to bf16
+    ((q - zero) * scale rounded once) inside the GEMM (:func:`.decode_gemm.intx_decode_gemm`), or a block of rows at a time for oneDNN's bf16
     GEMM where the CPU has no AVX512-BF16."""
     planes, scale = planes.contiguous(), scale.float().contiguous()
     zero = None if zero_point is None else zero_point.contiguous()
@@ -103,15 +103,15 @@ def intx_decoded_linear(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tens
                                         count, threads)
 
     def fused(rows, row_scale):
-        return decode_gemm.intx_decode_gemm(rows, row_scale, planes, scale, zero, bias, group_size, bits, False)
+        return decode_gemm.intx_decode_gemm(rows, row_scale, planes, scale, zero, bias, group_size, bits, bf16_out)
 
     bias = _vector(bias)
-    return _decoded_linear(x, n, decode, fused, bias=bias)
+    return _decoded_linear(x, n, decode, fused, bias=bias, bf16_out=bf16_out)
 
 
 @intx_decoded_linear.register_fake
-def _(x, planes, scale, zero_point, bias, group_size, bits):
-    return x.new_empty(x.shape[0], planes.shape[0], dtype=torch.float32)
+def _(x, planes, scale, zero_point, bias, group_size, bits, bf16_out=False):
+    return x.new_empty(x.shape[0], planes.shape[0], dtype=torch.bfloat16 if bf16_out else torch.float32)
 
 
 @register_kernel("linear", "intx", "avx512", devices=("cpu",), priority=20, granularities=("per_group",),
@@ -125,6 +125,7 @@ def intx_weight_avx512(x, tensors, meta, bias):
     if planes is None:  # a view that left the packed layout behind (e.g. the transpose of a Conv1D weight)
         planes = pack_planes(tensors, meta)["packed"]
     x2d, fused_bias = x.reshape(-1, k), None if bias is None else bias.detach()
-    linear = intx_gemv if _rows(x) <= GEMV_ROWS_INTX else intx_decoded_linear
-    bits = get_qtype(meta["qtype"]).bits
-    return finish(linear(x2d, planes, tensors["scale"], tensors.get("zero_point"), fused_bias, group, bits), x)
+    args = (x2d, planes, tensors["scale"], tensors.get("zero_point"), fused_bias, group, get_qtype(meta["qtype"]).bits)
+    if _rows(x) <= GEMV_ROWS_INTX:
+        return finish(intx_gemv(*args), x)
+    return finish(intx_decoded_linear(*args, x.dtype == torch.bfloat16), x)

@@ -70,7 +70,7 @@ def _quantize_input(x: torch.Tensor, scale: float, zero: float, symmetric: bool)
     row_scales = torch.empty(rows)  # written by the kernel (all equal to scale here)
     threads = torch.get_num_threads() if x.numel() >= _PARALLEL_MIN else 1  # waking threads costs more than small inputs
     native.library().lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), row_scales.data_ptr(), row_scales.data_ptr(),
-                                               rows, x.numel() // rows, int(symmetric), 1, scale, zero, 0, threads)
+                                               rows, x.numel() // rows, int(symmetric), 1, scale, zero, None, 0, threads)
     return q
 
 
@@ -148,7 +148,7 @@ def float8_static_conv(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tens
     channels_out = codes.shape[0]
     r, row_scales = torch.empty_like(x, dtype=torch.bfloat16), torch.empty(x.shape[0] * x.shape[1])
     lib.lowbit_float8_rows(x.data_ptr(), r.data_ptr(), row_scales.data_ptr(), row_scales.numel(), x.numel() // row_scales.numel(),
-                           float(act_scale.reshape(())), 1, 0, threads)  # per-tensor scale: any split into rows works
+                           float(act_scale.reshape(())), 1, None, 0, threads)  # per-tensor scale: any split into rows works
     weight = torch.empty(codes.shape, dtype=torch.bfloat16)
     lib.lowbit_fp8_rows_to_bf16(codes.data_ptr(), weight.data_ptr(), codes[0].numel(), 0, channels_out, threads)
     acc = _CONVS[x.dim() - 3](r, weight, None, stride, padding, dilation, groups).contiguous(memory_format=layout)

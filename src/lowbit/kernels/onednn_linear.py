@@ -42,9 +42,20 @@ def _pack(tensors, meta) -> dict:
     return {"packed": packed, **weight_colsum(tensors, meta), "qdata": None}
 
 
+@custom_op("lowbit::onednn_unpack")
+def onednn_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The canonical (N, K) int8 weight, read back exactly from oneDNN's layout (which densifies to (K, N)); an op
+    of its own so compiled graphs (a compiled backward) leave the opaque tensor to it."""
+    return packed.to_dense().t().contiguous()
+
+
+@onednn_unpack.register_fake
+def _(packed):
+    return packed.new_empty(packed.shape[1], packed.shape[0], dtype=torch.int8)
+
+
 def _unpack(tensors, meta) -> dict:
-    """The canonical (N, K) int8 weight, read back exactly from oneDNN's layout (which densifies to (K, N))."""
-    return {"qdata": tensors["packed"].to_dense().t().contiguous()}
+    return {"qdata": onednn_unpack(tensors["packed"])}
 
 
 @functools.cache
@@ -63,10 +74,11 @@ def _products(q: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
 @custom_op("lowbit::int8_onednn_linear")
 def int8_onednn_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
                        bias: torch.Tensor | None, mode: int, act_scale: torch.Tensor | None = None,
-                       act_zero: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 linear, float32 (M, N), on a prepacked weight. ``mode``: 0 weight-only (16-bit activation
-    split), 1 / 2 int8 activations per token (symmetric / asymmetric), or with the static ``act_scale``."""
-    x = activation_rows(x)
+                       act_zero: torch.Tensor | None = None, act_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 linear, (M, N) in :func:`.avx512.out_dtype`, on a prepacked weight. ``mode``: 0 weight-only (16-bit
+    activation split), 1 / 2 int8 activations per token (symmetric / asymmetric), or with the static ``act_scale``
+    (after dividing by the smoothing ``act_smooth``)."""
+    x, divisor = activation_rows(x), None if act_smooth is None else act_smooth.detach().reshape(-1).float().contiguous()
     (m, k), n, threads, lib = x.shape, row_sums.shape[0], torch.get_num_threads(), native.library()
     x_scale, dtype = torch.empty(m), out_dtype(x)
     if mode == 0:
@@ -79,25 +91,25 @@ def int8_onednn_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Ten
     fixed_scale = 0.0 if act_scale is None else float(act_scale.reshape(()))
     fixed_zero = 0.0 if act_zero is None else float(act_zero.reshape(()))
     lib.lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k, int(mode == 1), 1,
-                                  fixed_scale, fixed_zero, is_bf16(x), threads)
+                                  fixed_scale, fixed_zero, None if divisor is None else divisor.data_ptr(), is_bf16(x), threads)
     return _epilogue(_products(q, packed, n), None, x_scale, None if mode == 1 else zero, row_sums, w_scale, bias, threads,
                      dtype)
 
 
 @int8_onednn_linear.register_fake
-def _(x, packed, w_scale, row_sums, bias, mode, act_scale=None, act_zero=None):
+def _(x, packed, w_scale, row_sums, bias, mode, act_scale=None, act_zero=None, act_smooth=None):
     return x.new_empty(x.shape[0], row_sums.shape[0], dtype=out_dtype(x))
 
 
-def _linear(x, tensors, bias, mode: int, act_scale=None, act_zero=None):
+def _linear(x, tensors, bias, mode: int, act_scale=None, act_zero=None, act_smooth=None):
     if tensors.get("packed") is None:  # a canonical view (e.g. a weight applied in the orientation it was not packed for)
         x2d, weight, w_scale, row_sums, bias32 = _int8_args(x, tensors, bias)
         out = (int8_weight_linear(x2d, weight, w_scale, row_sums, bias32) if mode == 0 else
-               int8_activation_linear(x2d, weight, w_scale, row_sums, bias32, mode == 1, act_scale, act_zero))
+               int8_activation_linear(x2d, weight, w_scale, row_sums, bias32, mode == 1, act_scale, act_zero, act_smooth))
     else:
         w_scale, bias32 = tensors["scale"].reshape(-1).float().contiguous(), None if bias is None else bias.float().contiguous()
         out = int8_onednn_linear(x.reshape(-1, x.shape[-1]), tensors["packed"], w_scale, colsum(tensors), bias32, mode,
-                                 act_scale, act_zero)
+                                 act_scale, act_zero, act_smooth)
     return finish(out, x)
 
 
@@ -120,9 +132,7 @@ def int8_dynamic_onednn(x, tensors, meta, bias):
 
 @register_kernel("linear", "int8_static", "onednn", priority=25, **_REGISTER)
 def int8_static_onednn(x, tensors, meta, bias):
-    """Static int8 (calibrated per-tensor scale and zero point), prepacked oneDNN GEMM."""
-    smooth = tensors.get("act_smooth")
-    xs = x if smooth is None else x / smooth.to(x.dtype)
+    """Static int8 (calibrated per-tensor scale and zero point, smoothing divided out in the quantization pass),
+    prepacked oneDNN GEMM."""
     mode = 1 if meta["activation"].symmetric else 2
-    out = _linear(xs, tensors, bias, mode, tensors["act_scale"], tensors.get("act_zero_point"))
-    return out.to(x.dtype)
+    return _linear(x, tensors, bias, mode, tensors["act_scale"], tensors.get("act_zero_point"), tensors.get("act_smooth"))

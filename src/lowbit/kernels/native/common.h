@@ -158,3 +158,33 @@ static inline void prefetch_lines(const void *p, int64_t bytes) {
 typedef void (*decode_rows)(const void *weights, int64_t n, int64_t k0, int64_t kc, uint16_t *dst);
 void decode_gemm(decode_rows decode, const void *weights, const uint16_t *x, const float *row_scale, const float *w_scale,
                  const float *bias, void *out, int out_bf16, int64_t M, int64_t N, int64_t K, int threads);
+
+/* Activations arrive as float32 or bfloat16 rows (in_bf16): row-wise kernels read row m as float32 through
+ * row_f32, which widens a bf16 row (exactly) into buf, a per-thread scratch of K floats from row_buffer, and
+ * divides it elementwise by divisor (K floats; static quantization's smoothing) when one is given, in float32 as
+ * lowbit.kernels.reference does for a float32 model. */
+static inline float *row_buffer(int64_t K, int needed) { return needed ? (float *)malloc((size_t)K * sizeof(float)) : NULL; }
+
+static inline const float *row_f32(const void *x, int64_t m, int64_t K, int in_bf16, const float *divisor, float *buf) {
+    if (!in_bf16 && !divisor) return (const float *)x + m * K;
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 v;
+        if (in_bf16) {
+            __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, (const void *)((const uint16_t *)x + m * K + k)));
+            v = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+        } else {
+            v = _mm512_maskz_loadu_ps(live, (const float *)x + m * K + k);
+        }
+        if (divisor) v = _mm512_div_ps(v, _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), live, divisor + k));
+        _mm512_mask_storeu_ps(buf + k, live, v);
+    }
+    return buf;
+}
+
+/* float -> bfloat16 bits, round half to even, NaN kept NaN (to_bf16's rounding carry could turn a NaN payload
+ * into an infinity or a zero). */
+static inline __m256i to_bf16_any(__m512 f) {
+    __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    return _mm256_mask_mov_epi16(to_bf16(f), nan, _mm256_set1_epi16(0x7FC0));
+}

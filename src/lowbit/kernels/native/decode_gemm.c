@@ -199,7 +199,7 @@ static void epilogue(const float *c, int64_t ldc, int64_t n0, int64_t rows, cons
                 int64_t m = m0 + i;
                 __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(r[i], ws), _mm512_set1_ps(row_scale ? row_scale[m] : 1.0f), b);
                 if (out_bf16)
-                    _mm256_mask_storeu_epi16((void *)((uint16_t *)out + m * N + n0 + j0), live, to_bf16(v));
+                    _mm256_mask_storeu_epi16((void *)((uint16_t *)out + m * N + n0 + j0), live, to_bf16_any(v));
                 else
                     _mm512_mask_storeu_ps((float *)out + m * N + n0 + j0, live, v);
             }

@@ -26,7 +26,7 @@ void lowbit_rows_to_bf16(const void *x, uint16_t *out, float *row_scale, int64_t
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) {
             __mmask16 infs = 0, nans = 0;
-            const float *row = row_f32(x, m, K, in_bf16, buf);
+            const float *row = row_f32(x, m, K, in_bf16, NULL, buf);
             row_to_bf16(row, out + m * K, K, __builtin_inff(), &infs, &nans);
             if (infs) row_to_bf16(row, out + m * K, K, row_absmax(row, K), &infs, &nans);
             row_scale[m] = nans ? __builtin_nanf("") : 1.0f;

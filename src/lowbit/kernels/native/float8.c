@@ -96,42 +96,48 @@ void lowbit_fp8_rows_to_bf16(const uint8_t *w, uint16_t *out, int64_t K, int64_t
  * scale = max|x| / 448 (floored at FLT_MIN, non-finite values ignored), v = clamp(x / scale, -448, 448)
  * rounded half-to-even to e4m3 (3 mantissa bits; steps of 2^-9 below 2^-6), NaN -> 0 (the row's scale NaN). Writes the
  * rounded values r (exact in bfloat16: float32, or bf16 bits when bf16_out) and the scale: x ~= scale[m] * r[m, :]. */
-void lowbit_float8_rows(const float *x, void *r, float *scale, int64_t M, int64_t K, float fixed_scale, int bf16_out,
-                        int threads) {
-    /* fixed_scale > 0: static quantization with a calibrated scale for every row */
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * K;
-        float s = fixed_scale > 0 ? fixed_scale : row_absmax(row, K) / 448.0f;
-        if (s < 1.17549435e-38f) s = 1.17549435e-38f;
-        __m512 vs = _mm512_set1_ps(s), lim = _mm512_set1_ps(448.0f);
-        __m512 small = _mm512_set1_ps(1.0f / 64.0f); /* 2^-6: smallest e4m3 normal */
-        __mmask16 nan = 0;
-        for (int64_t k = 0; k < K; k += 16) {
-            __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(live, row + k), vs);
-            __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
-            nan |= (__mmask16)~ordered;
-            v = _mm512_maskz_mov_ps(ordered, v); /* NaN -> 0 */
-            v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
-            /* normal range: round the fp32 mantissa to 3 bits, half to even */
-            __m512i bits = _mm512_castps_si512(v);
-            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(1));
-            bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFFF)));
-            __m512 normal = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xFFF00000)));
-            /* subnormal range: multiples of 2^-9 */
-            __m512 sub = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(512.0f)),
-                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                                       _mm512_set1_ps(1.0f / 512.0f));
-            __mmask16 is_sub = _mm512_cmp_ps_mask(_mm512_abs_ps(v), small, _CMP_LT_OQ);
-            __m512 rounded = _mm512_mask_blend_ps(is_sub, normal, sub);
-            if (bf16_out) /* exact: the low 16 bits are zero */
-                _mm256_mask_storeu_epi16((uint16_t *)r + m * K + k, live,
-                                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
-            else
-                _mm512_mask_storeu_ps((float *)r + m * K + k, live, rounded);
+void lowbit_float8_rows(const void *x, void *r, float *scale, int64_t M, int64_t K, float fixed_scale, int bf16_out,
+                        const float *divisor, int in_bf16, int threads) {
+    /* fixed_scale > 0: static quantization with a calibrated scale for every row; x float32 or bf16 (in_bf16), divided
+     * by divisor (K,) first when given */
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = row_buffer(K, in_bf16 || divisor);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = row_f32(x, m, K, in_bf16, divisor, buf);
+            float s = fixed_scale > 0 ? fixed_scale : row_absmax(row, K) / 448.0f;
+            if (s < 1.17549435e-38f) s = 1.17549435e-38f;
+            __m512 vs = _mm512_set1_ps(s), lim = _mm512_set1_ps(448.0f);
+            __m512 small = _mm512_set1_ps(1.0f / 64.0f); /* 2^-6: smallest e4m3 normal */
+            __mmask16 nan = 0;
+            for (int64_t k = 0; k < K; k += 16) {
+                __mmask16 live = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+                __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(live, row + k), vs);
+                __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+                nan |= (__mmask16)~ordered;
+                v = _mm512_maskz_mov_ps(ordered, v); /* NaN -> 0 */
+                v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+                /* normal range: round the fp32 mantissa to 3 bits, half to even */
+                __m512i bits = _mm512_castps_si512(v);
+                __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(1));
+                bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFFF)));
+                __m512 normal = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xFFF00000)));
+                /* subnormal range: multiples of 2^-9 */
+                __m512 sub = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(512.0f)),
+                                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                           _mm512_set1_ps(1.0f / 512.0f));
+                __mmask16 is_sub = _mm512_cmp_ps_mask(_mm512_abs_ps(v), small, _CMP_LT_OQ);
+                __m512 rounded = _mm512_mask_blend_ps(is_sub, normal, sub);
+                if (bf16_out) /* exact: the low 16 bits are zero */
+                    _mm256_mask_storeu_epi16((uint16_t *)r + m * K + k, live,
+                                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+                else
+                    _mm512_mask_storeu_ps((float *)r + m * K + k, live, rounded);
+            }
+            scale[m] = nan ? __builtin_nanf("") : s;
         }
-        scale[m] = nan ? __builtin_nanf("") : s;
+        free(buf);
     }
 }
 

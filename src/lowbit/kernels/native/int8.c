@@ -51,16 +51,18 @@ static void quantize_row_int8(const float *row, int8_t *q, float *scale, float *
     if (nan) *scale = __builtin_nanf("");
 }
 
-/* quantize_row_int8 for every row of x (M, K), float32 or bf16 (in_bf16); scale and zero get one entry per row. */
+/* quantize_row_int8 for every row of x (M, K), float32 or bf16 (in_bf16), divided by divisor (K,) first when given;
+ * scale and zero get one entry per row. */
 void lowbit_quantize_rows_int8(const void *x, int8_t *q, float *scale, float *zero, int64_t M, int64_t K,
-                               int symmetric, int offset128, float fixed_scale, float fixed_zero, int in_bf16, int threads) {
+                               int symmetric, int offset128, float fixed_scale, float fixed_zero, const float *divisor,
+                               int in_bf16, int threads) {
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = row_buffer(K, in_bf16);
+        float *buf = row_buffer(K, in_bf16 || divisor);
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
-            quantize_row_int8(row_f32(x, m, K, in_bf16, buf), q + m * K, scale + m, zero + m, K, symmetric, offset128,
-                              fixed_scale, fixed_zero);
+            quantize_row_int8(row_f32(x, m, K, in_bf16, divisor, buf), q + m * K, scale + m, zero + m, K, symmetric,
+                              offset128, fixed_scale, fixed_zero);
         free(buf);
     }
 }
@@ -73,7 +75,7 @@ void lowbit_split_rows_16(const void *x, int8_t *hi, int8_t *lo, float *scale, i
     {
         float *buf = row_buffer(K, in_bf16);
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) split_row_16(row_f32(x, m, K, in_bf16, buf), hi + m * K, lo + m * K, scale + m, K, offset128);
+        for (int64_t m = 0; m < M; m++) split_row_16(row_f32(x, m, K, in_bf16, NULL, buf), hi + m * K, lo + m * K, scale + m, K, offset128);
         free(buf);
     }
 }
