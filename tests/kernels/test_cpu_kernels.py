@@ -19,8 +19,8 @@ needs_native = pytest.mark.skipif(native.unavailable() is not None, reason=f"nat
 
 CASES = [  # the kernel "auto" picks, with its bound by the math of each path (linear_cases.error_bound)
     (lowbit.Int8WeightOnly(), "avx512"),  # above the GEMV rows: 16-bit activation split
-    (lowbit.Int8DynamicActivation(), "onednn"),  # prepacked oneDNN GEMM at every row count
-    (lowbit.Int8DynamicActivation(act_symmetric=True), "onednn"),
+    (lowbit.Int8DynamicActivation(), "avx512"),  # small weights (large ones: onednn, test_onednn_linear)
+    (lowbit.Int8DynamicActivation(act_symmetric=True), "avx512"),
     (lowbit.Float8WeightOnly(), "avx512"),  # few rows: float32 GEMV on exact e4m3 decodes
     (lowbit.Float8DynamicActivation(), "avx512"),
     (lowbit.Float8DynamicActivation(granularity="per_tensor"), "avx512"),

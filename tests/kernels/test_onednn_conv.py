@@ -149,7 +149,7 @@ def test_onednn_named_for_a_transposed_conv_weight_raises_at_prepare():
     assert not any(hasattr(m, "lowbit_observer") for m in model.modules())
 
 
-@pytest.mark.parametrize("kernel, conv_kernel, linear_kernel", [("onednn", "onednn", "onednn"), ("auto", "onednn", "onednn"),
+@pytest.mark.parametrize("kernel, conv_kernel, linear_kernel", [("onednn", "onednn", "onednn"), ("auto", "onednn", "avx512"),
                                                                   ("avx512", "onednn", "avx512"),
                                                                   ("reference", "reference", "reference")])
 def test_convs_follow_the_kernel_preference_per_op(kernel, conv_kernel, linear_kernel, kernels_run):

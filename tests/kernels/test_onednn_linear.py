@@ -43,13 +43,15 @@ def test_onednn_linear_equals_the_avx512_kernel(make):
     torch.testing.assert_close(F.linear(x, fast, bias), F.linear(x, lean, bias), rtol=2**-22, atol=1e-6)
 
 
-def test_auto_packs_int8_activations_for_onednn_and_drops_the_canonical_copy():
-    per_row = {"shape": (32, 64), "block_size": (1, 64), "qtype": "int8"}
-    assert select_kernel("linear", "int8_dynamic", "cpu", "auto", per_row).name == "onednn"
-    assert select_kernel("linear", "int8_static", "cpu", "auto", per_row).name == "onednn"
-    assert select_kernel("linear", "int8", "cpu", "auto", per_row).name == "avx512"  # keeps its one-call GEMV
+def test_auto_packs_large_int8_activation_weights_for_onednn_and_drops_the_canonical_copy():
+    large = {"shape": (2048, 2048), "block_size": (1, 2048), "qtype": "int8"}  # AUTO_MIN_WEIGHTS elements
+    small = {"shape": (2048, 2047), "block_size": (1, 2047), "qtype": "int8"}
+    assert select_kernel("linear", "int8_dynamic", "cpu", "auto", large).name == "onednn"
+    assert select_kernel("linear", "int8_static", "cpu", "auto", large).name == "onednn"
+    assert select_kernel("linear", "int8_dynamic", "cpu", "auto", small).name == "avx512"  # faster on small weights
+    assert select_kernel("linear", "int8", "cpu", "auto", large).name == "avx512"  # keeps its one-call GEMV
     weight = torch.randn(48, 64)
-    packed = _quantize(lowbit.Int8DynamicActivation(), weight).weight
+    packed = _quantize(lowbit.Int8DynamicActivation(kernel="onednn"), weight).weight
     lean = _quantize(lowbit.Int8DynamicActivation(kernel="avx512"), weight).weight
     assert packed.qdata is None and packed.packed_for == ("int8_dynamic", "onednn")  # one copy of the weight
     assert packed.storage_bytes() <= lean.storage_bytes()
@@ -105,8 +107,8 @@ def test_module_swap_holding_the_packed_weight_survives_copies():
     """QuantizedLinear's buffers hold oneDNN's opaque weight (no storage): pickles and deep copies carry the canonical
     weight and pack it again."""
     torch.manual_seed(0)
-    model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), lowbit.Int8DynamicActivation(),
-                             module_swap=True)
+    model = lowbit.quantize_(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)),
+                             lowbit.Int8DynamicActivation(kernel="onednn"), module_swap=True)
     assert model[0].packed.layout == torch._mkldnn and not hasattr(model[0], "qdata")
     assert_survives_copies(model, torch.randn(6, 64))
     assert copy.deepcopy(model)[0].packed.layout == torch._mkldnn
@@ -119,9 +121,9 @@ def test_module_swap_cast_to_bf16_keeps_the_row_sums_exact():
     linear = nn.Linear(512, 32)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(32, 512) * 0.01 + 0.05)  # int8 rows near +90: large row sums
-    subclass = lowbit.quantize_(nn.Sequential(copy.deepcopy(linear)), lowbit.Int8DynamicActivation()).to(torch.bfloat16)
-    swapped = lowbit.quantize_(nn.Sequential(copy.deepcopy(linear)), lowbit.Int8DynamicActivation(),
-                               module_swap=True).to(torch.bfloat16)
+    config = lowbit.Int8DynamicActivation(kernel="onednn")
+    subclass = lowbit.quantize_(nn.Sequential(copy.deepcopy(linear)), config).to(torch.bfloat16)
+    swapped = lowbit.quantize_(nn.Sequential(copy.deepcopy(linear)), config, module_swap=True).to(torch.bfloat16)
     assert swapped[0].packed_aux.dtype == torch.int32
     x = (torch.rand(8, 512) + 0.5).to(torch.bfloat16)  # one-sided: zero points at the end of the range
     expected = subclass(x).float()

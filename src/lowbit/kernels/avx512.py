@@ -99,9 +99,9 @@ def bf16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _decoded_linear(x: torch.Tensor, n: int, decode_rows, fused, w_scale=None, row_scale=None, bias=None,
                     bf16_out: bool = False) -> torch.Tensor:
     """(M, K) @ W^T * ``w_scale`` (N,) * ``row_scale`` (M,) + ``bias`` -> (M, N) float32 (bf16 with ``bf16_out``), W
-    decoded to bf16 inside the GEMM by ``fused(rows, row_scale)`` (:mod:`.decode_gemm`) where the CPU has AVX512-BF16; elsewhere W is decoded
-    one cache-sized block of rows at a time by ``decode_rows`` for oneDNN's bf16 GEMM, then per block one pass for the
-    widening, the scales and the bias. Without ``row_scale`` x holds float activations, rounded to bf16 here
+    decoded to bf16 inside the GEMM by ``fused(rows, row_scale)`` (:mod:`.decode_gemm`) where the CPU has AVX512-BF16;
+    elsewhere W is decoded one cache-sized block of rows at a time by ``decode_rows`` for oneDNN's bf16 GEMM, then per
+    block one pass for the widening, the scales and the bias. Without ``row_scale`` x holds float activations, rounded to bf16 here
     (:func:`bf16_rows`); with it, x holds values exact in bf16 (rounded to float8) and row_scale their per-row scale."""
     if row_scale is None:
         x, row_scale = bf16_rows(x)

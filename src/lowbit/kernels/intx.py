@@ -92,8 +92,8 @@ def _(x, planes, scale, zero_point, bias, group_size, bits):
 def intx_decoded_linear(x: torch.Tensor, planes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                         bias: torch.Tensor | None, group_size: int, bits: int, bf16_out: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T + bias, float32 (M, N) or bf16 with ``bf16_out``, with W's bit planes decoded to bf16
-    ((q - zero) * scale rounded once) inside the GEMM (:func:`.decode_gemm.intx_decode_gemm`), or a block of rows at a time for oneDNN's bf16
-    GEMM where the CPU has no AVX512-BF16."""
+    ((q - zero) * scale rounded once) inside the GEMM (:func:`.decode_gemm.intx_decode_gemm`), or a block of rows at a
+    time for oneDNN's bf16 GEMM where the CPU has no AVX512-BF16."""
     planes, scale = planes.contiguous(), scale.float().contiguous()
     zero = None if zero_point is None else zero_point.contiguous()
     (n, k), threads = (planes.shape[0], x.shape[-1]), torch.get_num_threads()

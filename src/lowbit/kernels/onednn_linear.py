@@ -113,8 +113,11 @@ def _linear(x, tensors, bias, mode: int, act_scale=None, act_zero=None, act_smoo
     return finish(out, x)
 
 
-# Above the avx512 kernels for int8 activations (faster at every batch of 2+ rows, measured in BENCHMARKS.md);
-# weight-only int8 keeps its canonical weight for the one-call GEMV that decoding single tokens needs.
+# Above the avx512 kernels for int8 activations on weights of AUTO_MIN_WEIGHTS elements or more: measured 1.3-4.5x
+# faster there at 4-256 rows (bf16 activations, Zen 4), 0.7-0.8x at one row; on smaller weights (MiniLM's 384x1536)
+# the avx512 kernels are faster at every row count. Weight-only int8 keeps its canonical weight for the one-call
+# GEMV that decoding single tokens needs.
+AUTO_MIN_WEIGHTS = 1 << 22
 _REGISTER = dict(devices=("cpu",), granularities=("per_row",), requires=_requires, pack=_pack, unpack=_unpack)
 
 
@@ -124,13 +127,14 @@ def int8_weight_onednn(x, tensors, meta, bias):
     return _linear(x, tensors, bias, 0)
 
 
-@register_kernel("linear", "int8_dynamic", "onednn", priority=25, **_REGISTER, accepts=per_token_activations)
+@register_kernel("linear", "int8_dynamic", "onednn", priority=25, auto_min_weights=AUTO_MIN_WEIGHTS, **_REGISTER,
+                 accepts=per_token_activations)
 def int8_dynamic_onednn(x, tensors, meta, bias):
     """Dynamic per-token int8, prepacked oneDNN GEMM."""
     return _linear(x, tensors, bias, 1 if meta["activation"].symmetric else 2)
 
 
-@register_kernel("linear", "int8_static", "onednn", priority=25, **_REGISTER)
+@register_kernel("linear", "int8_static", "onednn", priority=25, auto_min_weights=AUTO_MIN_WEIGHTS, **_REGISTER)
 def int8_static_onednn(x, tensors, meta, bias):
     """Static int8 (calibrated per-tensor scale and zero point, smoothing divided out in the quantization pass),
     prepacked oneDNN GEMM."""

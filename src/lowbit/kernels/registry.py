@@ -11,7 +11,8 @@ are quantized, which convolution). A kernel never substitutes another inside its
 take a call is not chosen for it.
 
 Preferences name a kernel per op: ``"auto"`` picks the highest-priority kernel that can take the
-call, ``"reference"`` dequantizes and uses float ops, and any other name must be able to take the
+call (among those whose ``auto_min_weights`` the weight reaches: a kernel measured to pay off only on large
+weights), ``"reference"`` dequantizes and uses float ops, and any other name must be able to take the
 call or it raises: a model's numerics never change silently with the machine it runs on. A name
 that another op of the scheme has but this op does not (``"avx512"`` for a convolution, ``"onednn"``
 for a float8 linear) means ``"auto"`` for this op; a name no op of the scheme has raises.
@@ -19,6 +20,7 @@ for a float8 linear) means ``"auto"`` for this op; a name no op of the scheme ha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -75,6 +77,8 @@ class Kernel:
             to drop the canonical values while its layout holds them; then ``unpack`` is required.
         unpack: ``unpack(tensors, meta) -> {"qdata": ...}``: the canonical values rebuilt from the packed
             layout (for files, views, gradients and other kernels; see :func:`unpacked`).
+        auto_min_weights: ``"auto"`` passes this kernel over for weights of fewer elements (where it was
+            measured slower than the next one); named, it takes any size.
         accepts: returns None when it takes a :class:`Call`, else what it takes and what the call has;
             a property the call leaves None (packing, other ops) is not judged.
     """
@@ -92,6 +96,7 @@ class Kernel:
     accepts: Callable[[Call], str | None] | None = None
     group_sizes: Callable[[int], bool] | None = None
     unpack: Callable[[dict, dict], dict] | None = None
+    auto_min_weights: int = 0
 
     def missing(self, device_type: str, weight_layout: Layout | None = None) -> str | None:
         """Why this kernel cannot run on ``device_type`` for weights of ``weight_layout`` (None: any), or None."""
@@ -119,6 +124,7 @@ class Layout:
     granularities: frozenset[str]
     qtype: str
     group_size: int | None = None  # the block length along the last dim of a per-group weight
+    numel: int | None = None  # elements of the weight
 
     @property
     def granularity_names(self) -> str:
@@ -142,7 +148,8 @@ def layout(meta) -> Layout:
         "per_row": leading_ones and block[-1] == shape[-1],
         "per_group": leading_ones,
     }
-    return Layout(frozenset(name for name, ok in holds.items() if ok), meta["qtype"], block[-1] if leading_ones else None)
+    return Layout(frozenset(name for name, ok in holds.items() if ok), meta["qtype"], block[-1] if leading_ones else None,
+                  math.prod(shape))
 
 
 _KERNELS: dict[tuple[str, str], list[Kernel]] = {}
@@ -163,6 +170,7 @@ def register_kernel(
     accepts: Callable[[Call], str | None] | None = None,
     group_sizes: Callable[[int], bool] | None = None,
     unpack: Callable[[dict, dict], dict] | None = None,
+    auto_min_weights: int = 0,
 ) -> Callable[[KernelFn], KernelFn]:
     """Decorator registering ``fn(x, tensors, meta, bias)`` as kernel ``name`` for (op, scheme).
 
@@ -179,7 +187,7 @@ def register_kernel(
         grans = None if granularities is None else frozenset(granularities)
         types = None if qtypes is None else frozenset(qtypes)
         kernels.append(Kernel(op, scheme, name, fn, frozenset(devices), priority, requires, grans, pack, types, accepts,
-                              group_sizes, unpack))
+                              group_sizes, unpack, auto_min_weights))
         kernels.sort(key=lambda k: -k.priority)
         _CHOSEN.clear()
         return fn
@@ -235,7 +243,8 @@ def _resolve(op: str, scheme: str, device_type: str, preference: str, weight_lay
             f"{kernel_names(op, scheme)}"
         )
     for kernel in kernels:  # "auto", or a name of another op's kernel
-        if kernel.missing(device_type, weight_layout) is None and kernel.declines(call) is None:
+        too_small = weight_layout is not None and (weight_layout.numel or 0) < kernel.auto_min_weights
+        if not too_small and kernel.missing(device_type, weight_layout) is None and kernel.declines(call) is None:
             return kernel
     which = "" if weight_layout is None else f"{weight_layout.granularity_names} {weight_layout.qtype} "
     raise RuntimeError(f"no {op!r} kernel for {scheme!r} {which}weights can take this call on {device_type}")
