@@ -21,11 +21,7 @@ BF16_FLAGS = ("avx512_bf16",)
 
 def unavailable(device_type: str = "cpu") -> str | None:
     """None when the decode GEMMs can run here (the native library and AVX512-BF16), else why not."""
-    reason = native.unavailable(device_type)
-    missing = [flag for flag in BF16_FLAGS if flag not in native.cpu_flags()]
-    if reason is None and missing:
-        reason = f"needs CPU features {missing} for its bf16 dot products"
-    return reason
+    return native.unavailable_without(BF16_FLAGS, "for its bf16 dot products", device_type)
 
 
 def _prepare(rows: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None, n: int, bf16_out: bool):
@@ -51,16 +47,21 @@ def _fake(rows, n, bf16_out):
     return rows.new_empty(rows.shape[0], n, dtype=torch.bfloat16 if bf16_out else torch.float32)
 
 
+def _byte_weight_gemm(kernel, rows, row_scale, weight, w_scale, bias, bf16_out) -> torch.Tensor:
+    """The decode GEMMs of one-byte weights (N, K) with one scale per row (or one for all, expanded)."""
+    (n, k), m = weight.shape, rows.shape[0]
+    rows, row_scale, bias, out = _prepare(rows, row_scale, bias, n, bf16_out)
+    weight, w_scale = weight.contiguous(), w_scale.detach().reshape(-1).float().expand(n).contiguous()
+    kernel(rows.data_ptr(), row_scale.data_ptr(), weight.data_ptr(), w_scale.data_ptr(), _ptr(bias), out.data_ptr(),
+           int(bf16_out), m, n, k, torch.get_num_threads())
+    return out
+
+
 @custom_op("lowbit::int8_decode_gemm")
 def int8_decode_gemm(rows: torch.Tensor, row_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
                      bias: torch.Tensor | None, bf16_out: bool) -> torch.Tensor:
     """rows (M, K) bf16 @ weight (N, K) int8 ^T * w_scale (N,) * row_scale (M,) + bias (N,)."""
-    (n, k), m = weight.shape, rows.shape[0]
-    rows, row_scale, bias, out = _prepare(rows, row_scale, bias, n, bf16_out)
-    weight, w_scale = weight.contiguous(), w_scale.detach().reshape(-1).float().contiguous()
-    native.library().lowbit_int8_decode_gemm(rows.data_ptr(), row_scale.data_ptr(), weight.data_ptr(), w_scale.data_ptr(),
-                                             _ptr(bias), out.data_ptr(), int(bf16_out), m, n, k, torch.get_num_threads())
-    return out
+    return _byte_weight_gemm(native.library().lowbit_int8_decode_gemm, rows, row_scale, weight, w_scale, bias, bf16_out)
 
 
 @int8_decode_gemm.register_fake
@@ -72,12 +73,7 @@ def _(rows, row_scale, weight, w_scale, bias, bf16_out):
 def fp8_decode_gemm(rows: torch.Tensor, row_scale: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
                     bias: torch.Tensor | None, bf16_out: bool) -> torch.Tensor:
     """rows (M, K) bf16 @ e4m3fn codes (N, K, as uint8) ^T * w_scale (N,) or (1,) * row_scale (M,) + bias (N,)."""
-    (n, k), m = codes.shape, rows.shape[0]
-    rows, row_scale, bias, out = _prepare(rows, row_scale, bias, n, bf16_out)
-    codes, w_scale = codes.contiguous(), w_scale.detach().reshape(-1).float().expand(n).contiguous()
-    native.library().lowbit_fp8_decode_gemm(rows.data_ptr(), row_scale.data_ptr(), codes.data_ptr(), w_scale.data_ptr(),
-                                            _ptr(bias), out.data_ptr(), int(bf16_out), m, n, k, torch.get_num_threads())
-    return out
+    return _byte_weight_gemm(native.library().lowbit_fp8_decode_gemm, rows, row_scale, codes, w_scale, bias, bf16_out)
 
 
 @fp8_decode_gemm.register_fake

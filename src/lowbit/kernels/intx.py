@@ -34,11 +34,7 @@ PLANE_DECODE_FLAGS = ("avx512vbmi", "gfni")
 
 def plane_decode_unavailable(device_type: str = "cpu") -> str | None:
     """None when the native kernels run here and the CPU decodes bit planes (AVX512-VBMI, GFNI), else why not."""
-    reason = native.unavailable(device_type)
-    missing = [flag for flag in PLANE_DECODE_FLAGS if flag not in native.cpu_flags()]
-    if reason is None and missing:
-        reason = f"needs CPU features {missing} to decode bit planes"
-    return reason
+    return native.unavailable_without(PLANE_DECODE_FLAGS, "to decode bit planes", device_type)
 
 
 def _row_streams(tensors, meta) -> torch.Tensor:

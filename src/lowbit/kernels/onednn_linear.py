@@ -22,7 +22,8 @@ import functools
 import torch
 
 from . import native
-from .avx512 import _epilogue, _int8_args, activation_rows, int8_activation_linear, int8_weight_linear, is_bf16, out_dtype
+from .avx512 import _epilogue, _int8_args, _ptr, _vector, activation_rows, int8_activation_linear, int8_weight_linear, is_bf16
+from .avx512 import out_dtype
 from .avx512 import per_token_activations
 from .cpu import colsum, finish, needs_vnni, weight_colsum
 from .ops import custom_op
@@ -78,7 +79,7 @@ def int8_onednn_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Ten
     """int8 linear, (M, N) in :func:`.avx512.out_dtype`, on a prepacked weight. ``mode``: 0 weight-only (16-bit
     activation split), 1 / 2 int8 activations per token (symmetric / asymmetric), or with the static ``act_scale``
     (after dividing by the smoothing ``act_smooth``)."""
-    x, divisor = activation_rows(x), None if act_smooth is None else act_smooth.detach().reshape(-1).float().contiguous()
+    x, divisor = activation_rows(x), _vector(act_smooth)
     (m, k), n, threads, lib = x.shape, row_sums.shape[0], torch.get_num_threads(), native.library()
     x_scale, dtype = torch.empty(m), out_dtype(x)
     if mode == 0:
@@ -91,7 +92,7 @@ def int8_onednn_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Ten
     fixed_scale = 0.0 if act_scale is None else float(act_scale.reshape(()))
     fixed_zero = 0.0 if act_zero is None else float(act_zero.reshape(()))
     lib.lowbit_quantize_rows_int8(x.data_ptr(), q.data_ptr(), x_scale.data_ptr(), zero.data_ptr(), m, k, int(mode == 1), 1,
-                                  fixed_scale, fixed_zero, None if divisor is None else divisor.data_ptr(), is_bf16(x), threads)
+                                  fixed_scale, fixed_zero, _ptr(divisor), is_bf16(x), threads)
     return _epilogue(_products(q, packed, n), None, x_scale, None if mode == 1 else zero, row_sums, w_scale, bias, threads,
                      dtype)
 

@@ -120,3 +120,12 @@ def unavailable(device_type: str = "cpu") -> str | None:
     """None when the native kernels can run here, else the reason (used as a kernel's ``requires``)."""
     library()
     return _state["reason"]
+
+
+def unavailable_without(flags: tuple[str, ...], purpose: str, device_type: str = "cpu") -> str | None:
+    """:func:`unavailable`, or which of the CPU features ``flags`` (needed for ``purpose``) this CPU lacks."""
+    reason = unavailable(device_type)
+    missing = [flag for flag in flags if flag not in cpu_flags()]
+    if reason is None and missing:
+        reason = f"needs CPU features {missing} {purpose}"
+    return reason
