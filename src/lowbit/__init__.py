@@ -24,6 +24,8 @@ from .configs import (
     config_from_name,
 )
 from .modules import QuantizedLinear
+from . import qat
+from .qat import QATConfig
 from .specs import ActivationSpec, QuantSpec, WeightSpec
 from . import serialization
 from .serialization import CheckpointError, load, load_pretrained, save
@@ -55,6 +57,7 @@ __all__ = [
     "IntxWeightOnly",
     "NotCalibratedError",
     "ActivationSpec",
+    "QATConfig",
     "QuantConfig",
     "QuantSpec",
     "WeightSpec",
@@ -72,6 +75,7 @@ __all__ = [
     "load",
     "load_pretrained",
     "prepare",
+    "qat",
     "quantize_",
     "register_handler",
     "save",

@@ -14,14 +14,16 @@ import torch.nn as nn
 
 from .configs import CONFIGS, STATIC_CONFIGS, QuantConfig
 from .modules import QuantizedLinear
+from .qat import QATConfig, QATHandler
 from .targets import (
-    OBSERVER_ATTR, FilterFn, conv_layout, default_filter, linear_weight, module_weight, select_targets, set_submodule,
+    FilterFn, conv_layout, default_filter, linear_weight, module_weight, refuse_prepared, select_targets, set_submodule,
     validate_targets,
 )
 from .tensors.from_spec import quantize_weight
 
 
 class Handler(Protocol):
+    def targets(self, model: nn.Module, config, filter_fn: FilterFn | None, module_swap: bool) -> list[tuple[str, nn.Module]]: ...
     def validate(self, targets: list[tuple[str, nn.Module]], config, module_swap: bool) -> None: ...
     def apply(self, model: nn.Module, targets: list[tuple[str, nn.Module]], config, module_swap: bool) -> None: ...
 
@@ -75,11 +77,7 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
         raise TypeError(f"config must be an instance of one of {known}; received {type(config).__name__}")
-    prepared = [fqn or "<root>" for fqn, m in model.named_modules() if hasattr(m, OBSERVER_ATTR)]
-    if prepared:
-        raise ValueError(f"the model is prepared for static quantization (observers on {prepared[:5]}): finish with "
-                         f"lowbit.calibrate and lowbit.convert, or start from the float model, before quantize_")
-    targets = select_targets(model, filter_fn, config, "module_swap gives each layer its own buffers" if module_swap else None)
+    targets = handler.targets(model, config, filter_fn, module_swap)
     if not targets:
         warnings.warn(f"quantize_ with {config}: filter_fn selected no module, the model is unchanged", stacklevel=2)
         return model
@@ -97,6 +95,10 @@ def quantize_module_weight(module: nn.Module, config: QuantConfig, name: str) ->
 class WeightHandler:
     """Weight-only and dynamic configs on the ``weight`` of the modules :func:`lowbit.targets.validate_targets`
     accepts."""
+
+    def targets(self, model, config, filter_fn, module_swap):
+        refuse_prepared(model, "quantize_")
+        return select_targets(model, filter_fn, config, "module_swap gives each layer its own buffers" if module_swap else None)
 
     def validate(self, targets, config, module_swap):
         validate_targets(targets, config, module_swap)
@@ -119,3 +121,4 @@ class WeightHandler:
 
 for _config_type in CONFIGS:
     register_handler(_config_type)(WeightHandler)
+register_handler(QATConfig)(QATHandler)

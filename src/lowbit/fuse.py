@@ -13,6 +13,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .bn_folding import bn_factor, folded_bias, scale_output_channels
+from .qat.conv_bn import CONV_BN
+from .targets import set_submodule
 from .tensors.base import QuantizedTensor
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -20,13 +23,17 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def fuse(model: nn.Module, pairs: Sequence[Sequence[str]] | None = None) -> nn.Module:
+def fuse(model: nn.Module, pairs: Sequence[Sequence[str]] | None = None, *, qat: bool = False) -> nn.Module:
     """Fold BatchNorm layers into the preceding Conv/ConvTranspose/Linear, in place.
 
     Args:
-        model: a model in eval mode (training-mode BatchNorm uses batch statistics: nothing to fold).
+        model: a model in eval mode (training-mode BatchNorm uses batch statistics: nothing to fold); in
+            training mode with ``qat``.
         pairs: ``[layer_name, batchnorm_name]`` lists (a third name, e.g. a ReLU, is allowed and kept);
             default: every such pair adjacent in an nn.Sequential.
+        qat: for quantization-aware training: each Conv1d/2d/3d and its BatchNorm become one
+            :class:`lowbit.qat.ConvBn` layer (at the conv's name) whose BatchNorm keeps training while the
+            conv sees its folded weight fake-quantized once QAT prepares it; the QAT convert step folds it.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
@@ -34,28 +41,33 @@ def fuse(model: nn.Module, pairs: Sequence[Sequence[str]] | None = None) -> nn.M
         >>> type(model[1]).__name__
         'Identity'
     """
-    if model.training:
-        raise ValueError("fuse folds running BatchNorm statistics: call model.eval() first")
+    if model.training != qat:
+        raise ValueError("fuse folds running BatchNorm statistics: call model.eval() first" if not qat else
+                         "fuse(qat=True) keeps BatchNorm training: call model.train() first")
     if pairs is None:
         pairs = [
             [f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b]
             for prefix, seq in model.named_modules()
             if isinstance(seq, nn.Sequential)
             for (a, first), (b, second) in zip(list(seq.named_children()), list(seq.named_children())[1:])
-            if isinstance(first, _CONVS + _TRANSPOSED + (nn.Linear,)) and isinstance(second, _NORMS)
+            if isinstance(first, tuple(CONV_BN) if qat else _CONVS + _TRANSPOSED + (nn.Linear,)) and isinstance(second, _NORMS)
         ]
     plan = [(model.get_submodule(p[0]), model.get_submodule(p[1]), p) for p in pairs]
     seen: dict[int, str] = {}
     for layer, norm, names in plan:  # validate every pair before changing anything
         _check_pair(layer, norm, names)
+        if qat and type(layer) not in CONV_BN:
+            raise ValueError(f"fuse(qat=True) fuses Conv1d/2d/3d with BatchNorm; received {names[0]!r} ({type(layer).__name__})")
         for module, name in ((layer, names[0]), (norm, names[1])):
             if id(module) in seen:
                 raise ValueError(f"fuse folds each layer and BatchNorm once; {name!r} is in two pairs")
             seen[id(module)] = name
     for layer, norm, names in plan:
-        _fold(layer, norm)
-        parent, _, child = names[1].rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+        if qat:
+            set_submodule(model, names[0], CONV_BN[type(layer)].from_pair(layer, norm))
+        else:
+            _fold(layer, norm)
+        set_submodule(model, names[1], nn.Identity())
     return model
 
 
@@ -75,19 +87,11 @@ def _check_pair(layer, norm, names) -> None:
 @torch.no_grad()
 def _fold(layer, norm) -> None:
     """W' = W * gamma / sigma per output channel; b' = (b - mean) * gamma / sigma + beta."""
-    gamma = norm.weight if norm.affine else torch.ones_like(norm.running_mean)
-    beta = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
-    factor = gamma / torch.sqrt(norm.running_var + norm.eps)  # (C_out,)
-    weight = layer.weight
-    if isinstance(layer, _TRANSPOSED):  # (C_in, C_out / groups, *k): output channels on axis 1, per group
-        groups = layer.groups
-        view = weight.view(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
-        view.mul_(factor.view(groups, 1, -1, *([1] * (weight.dim() - 2))))
-    else:  # (C_out, ...): output channels on axis 0
-        weight.mul_(factor.view(-1, *([1] * (weight.dim() - 1))))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(norm.running_mean)
-    new_bias = (bias - norm.running_mean) * factor + beta
+    factor = bn_factor(norm)  # (C_out,)
+    groups = layer.groups if isinstance(layer, _TRANSPOSED) else None
+    layer.weight.copy_(scale_output_channels(layer.weight, factor, groups))
+    new_bias = folded_bias(layer.bias, norm, factor)
     if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias.to(weight.dtype))
+        layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
     else:
         layer.bias.copy_(new_bias)

@@ -20,6 +20,21 @@ from .tensors.base import QuantizedTensor
 FilterFn = Callable[[nn.Module, str], bool]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OBSERVER_ATTR = "lowbit_observer"  # the activation observer lowbit.prepare attaches to each layer it prepares
+QAT_ATTR = "lowbit_qat"  # the base config QAT's prepare step records on each layer it prepares
+
+
+def refuse_prepared(model: nn.Module, action: str) -> None:
+    """Raise ValueError if a flow prepared modules of ``model`` and has not converted them yet: static (observers)
+    or QAT (fake quantizers)."""
+    static = [fqn or "<root>" for fqn, m in model.named_modules() if hasattr(m, OBSERVER_ATTR)]
+    qat = [fqn or "<root>" for fqn, m in model.named_modules() if hasattr(m, QAT_ATTR)]
+    if static:
+        raise ValueError(f"the model is prepared for static quantization (observers on {static[:5]}): finish with "
+                         f"lowbit.calibrate and lowbit.convert, or start from the float model, before {action}")
+    if qat:
+        raise ValueError(f"the model is prepared for QAT (fake quantizers on {qat[:5]}): finish with "
+                         f"quantize_(model, QATConfig(base_config, step='convert')), or start from the float model, "
+                         f"before {action}")
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -67,13 +67,25 @@ class Observer(nn.Module):
         if not self.observed:
             raise NotCalibratedError(f"{type(self).__name__} has observed no data: run calibration first (lowbit.calibrate)")
         lo, hi = self.range()
-        span = torch.stack([lo, hi], dim=-1).float()  # (..., 2): choose_qparams over [min, max]
-        scale, zero_point = choose_qparams(span, (1,) * (span.dim() - 1) + (2,), self.qtype, symmetric=self.symmetric)
-        scale = scale.squeeze(-1)
-        return scale, None if zero_point is None else zero_point.squeeze(-1)
+        return range_qparams(lo, hi, self.qtype, self.symmetric)
 
     def extra_repr(self) -> str:
         return f"qtype={self.qtype}, symmetric={self.symmetric}, min={self.min_val.tolist()}, max={self.max_val.tolist()}"
+
+
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, qtype: str, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale, zero_point)`` quantizing the range [lo, hi] (same shapes) as dynamic quantization would a tensor
+    holding exactly those values; non-finite bounds count as 0.
+
+    Example:
+        >>> scale, zp = range_qparams(torch.tensor(-1.0), torch.tensor(3.0), "uint8", symmetric=False)
+        >>> round(float(scale) * 255, 4), int(zp)
+        (4.0, 64)
+    """
+    span = torch.stack([lo, hi], dim=-1).float()  # (..., 2): choose_qparams over [min, max]
+    scale, zero_point = choose_qparams(span, (1,) * (span.dim() - 1) + (2,), qtype, symmetric=symmetric,
+                                       ignore_nonfinite=True)
+    return scale.squeeze(-1), None if zero_point is None else zero_point.squeeze(-1)
 
 
 def finite_range(x: torch.Tensor, dim=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

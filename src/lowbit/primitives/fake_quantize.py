@@ -1,7 +1,8 @@
 """Quantize-dequantize (fake quantization) and dequantization of stored weights, on plain tensors.
 
-These are the numerics every flow shares: the reference kernels apply them at run time, and the coming
-QAT and export flows use the same functions, so their results agree with the kernels' by construction.
+These are the numerics every flow shares: the reference kernels apply them at run time, QAT trains through
+their straight-through version (:func:`fake_quantize_ste`, the same values), and the export flow uses them,
+so every flow's results agree with the kernels' by construction.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .affine import choose_qparams, dequantize, quantize
-from .blocks import per_token_block
+from .blocks import expand_params, per_token_block, to_blocks
 from .packing import unpack_bits
 from .qtypes import get_qtype
 
@@ -30,6 +31,39 @@ def fake_quantize(x: torch.Tensor, block_size: Sequence[int], qtype: str, *, sym
         scale, zero_point = choose_qparams(x, block_size, qtype, symmetric=symmetric, ignore_nonfinite=True)
     q = quantize(x, scale, zero_point, block_size, qtype, saturate_nonfinite=True)
     return dequantize(q, scale, zero_point, block_size, x.dtype)
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` (half to even) forward, identity gradient (the straight-through estimator).
+    ``x + (round(x) - x)`` is exactly ``round(x)`` in floating point: the difference is exact (Sterbenz)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, block_size: Sequence[int],
+                      qtype: str) -> torch.Tensor:
+    """:func:`fake_quantize` with given qparams, differentiable: bit-identical forward values, rounding with a
+    straight-through gradient, clipping with its natural one (zero outside the range), and the gradients of
+    ``scale`` and a float ``zero_point`` (integer-valued; LSQ learns both) through the same expression.
+
+    Example:
+        >>> x = torch.tensor([[0.26, -1.0]], requires_grad=True)
+        >>> y = fake_quantize_ste(x, torch.full((1, 1), 1 / 127), None, (1, 2), "int8")
+        >>> y.sum().backward(); x.grad.tolist()
+        [[1.0, 1.0]]
+    """
+    qt = get_qtype(qtype)
+    shape = x.shape
+    scale = expand_params(scale).float()
+    scaled = to_blocks(x, block_size).float() / scale
+    if qt.is_float:  # float8: rounding to the nearest representable value
+        clipped = scaled.clamp(qt.qmin, qt.qmax)
+        q = clipped + (clipped.to(qt.storage).float() - clipped).detach()
+        return (q * scale).to(x.dtype).reshape(shape)
+    q = ste_round(scaled)
+    if zero_point is None:
+        return (q.clamp(qt.qmin, qt.qmax) * scale).to(x.dtype).reshape(shape)
+    zero_point = expand_params(zero_point).float()
+    return ((q + zero_point).clamp(qt.qmin, qt.qmax).sub(zero_point) * scale).to(x.dtype).reshape(shape)
 
 
 def fake_quantize_activation(x: torch.Tensor, act) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..kernels.boundary import call_kernel
 from ..kernels.registry import select_kernel, unpacked
-from ..primitives.affine import quantize_weight
+from ..primitives.affine import check_finite, quantize, quantize_weight
 from ..primitives.fake_quantize import dequantize_weight
 from ..primitives.packing import pack_bits
 from ..primitives.qtypes import get_qtype
@@ -42,10 +42,16 @@ class BlockQuantizedTensor(QuantizedTensor):
 
     @classmethod
     def from_spec(cls, w: torch.Tensor, spec: WeightSpec, block_size: Sequence[int], *, kernel: str = "auto",
-                  name: str = "weight", groups: int | None = None) -> "BlockQuantizedTensor":
+                  name: str = "weight", groups: int | None = None, qparams=None) -> "BlockQuantizedTensor":
         """Quantize ``w`` in blocks of ``block_size`` as ``spec`` says (sub-byte values packed along the last dim);
-        ``groups`` is set for a convolution's weight (its kernels pack by it)."""
-        q, scale, zero_point = quantize_weight(w, block_size, spec.qtype, symmetric=spec.symmetric, name=name)
+        ``groups`` is set for a convolution's weight (its kernels pack by it). ``qparams`` = ``(scale, zero_point)``
+        given (e.g. learned by QAT) replace the spec's min/max choice."""
+        if qparams is None:
+            q, scale, zero_point = quantize_weight(w, block_size, spec.qtype, symmetric=spec.symmetric, name=name)
+        else:
+            check_finite(w, name)
+            scale, zero_point = qparams
+            q = quantize(w, scale, zero_point, block_size, spec.qtype)
         qt = get_qtype(spec.qtype)
         return cls(
             qdata=pack_bits(q, qt.bits, dim=-1) if qt.packed else q, scale=scale, zero_point=zero_point, qtype=qt.name,

@@ -14,16 +14,17 @@ from .schemes import get_scheme, scheme_for
 
 
 def quantize_block(w: torch.Tensor, spec: WeightSpec, block_size: Sequence[int] | None = None, *, kernel: str = "auto",
-                   name: str = "weight", groups: int | None = None) -> BlockQuantizedTensor:
+                   name: str = "weight", groups: int | None = None, qparams=None) -> BlockQuantizedTensor:
     """``w`` quantized as the weight spec says, in its canonical layout (not packed for a kernel). A convolution's
-    weight comes with its ``block_size`` (one block per output channel) and ``groups``."""
+    weight comes with its ``block_size`` (one block per output channel) and ``groups``; ``qparams`` (scale, zero
+    point) given by a flow that chose them (QAT's learned ones) replace the spec's min/max choice."""
     tensor = get_scheme(spec.scheme).tensor
     block = tuple(block_size) if block_size is not None else spec.block_size(w.shape)
-    return tensor.from_spec(w, spec, block, kernel=kernel, name=name, groups=groups)
+    return tensor.from_spec(w, spec, block, kernel=kernel, name=name, groups=groups, qparams=qparams)
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, block_size: Sequence[int] | None = None, *, kernel: str = "auto",
-                    name: str = "weight", groups: int | None = None) -> QuantizedTensor:
+                    name: str = "weight", groups: int | None = None, qparams=None) -> QuantizedTensor:
     """The post-training flow: ``w`` as the tensor a weight-only or dynamic spec gives, packed for its kernel.
 
     Example:
@@ -35,7 +36,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, block_size: Sequence[int] 
     if mode == "static":
         raise ValueError("static activation scales come from calibration: use lowbit.prepare / calibrate / convert")
     scheme = scheme_for(spec.weight.scheme, mode)
-    block = quantize_block(w, spec.weight, block_size, kernel=kernel, name=name, groups=groups)
+    block = quantize_block(w, spec.weight, block_size, kernel=kernel, name=name, groups=groups, qparams=qparams)
     if spec.activation is None:
         return with_packing(block, scheme.name)
     return DynamicActivationTensor.wrap(block, spec.activation.quant)
