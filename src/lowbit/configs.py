@@ -132,6 +132,8 @@ class Int4WeightOnly(QuantConfig):
 class IntxWeightOnly(QuantConfig):
     """``bits``-bit weights (2 to 7) per group of ``group_size`` input features, bit-packed; asymmetric
     (unsigned values + a zero point per group) by default, symmetric (signed, no zero point) on request.
+    ``group_size=None`` gives one scale per output channel, the granularity convolutions take (a filter_fn
+    selecting Conv/ConvTranspose layers quantizes them per output channel, values packed along the last dim).
 
     Example:
         >>> IntxWeightOnly(bits=3).spec().weight.qtype
@@ -143,6 +145,7 @@ class IntxWeightOnly(QuantConfig):
     symmetric: bool = False
     kernel: str = "auto"
     supports_embedding = True
+    supports_conv = True
 
     def __post_init__(self):
         _check_types(self, bools=("symmetric",))

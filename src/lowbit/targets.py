@@ -150,8 +150,11 @@ def unsupported_kind(module: nn.Module, config: QuantConfig, module_swap: bool) 
         return "module_swap replaces nn.Linear only" + (" (quantize Conv1D without module_swap)" if is_conv1d(module) else "")
     if isinstance(module, nn.Embedding) and not config.supports_embedding:
         return f"{type(config).__name__} quantizes linear weights only, not nn.Embedding"
-    if isinstance(module, CONVS + CONV_TRANSPOSES) and (not config.supports_conv or getattr(config, "group_size", None)):
-        return f"{config.label()} does not quantize convolutions (per-channel int8/float8 weight-only and static configs do)"
+    if isinstance(module, CONVS + CONV_TRANSPOSES) and not config.supports_conv:
+        return f"{config.label()} does not quantize convolutions (per-channel int8/intx/float8 weight-only and static configs do)"
+    if isinstance(module, CONVS + CONV_TRANSPOSES) and getattr(config, "group_size", None):
+        return (f"{config.label()} does not quantize convolutions with a group size: convolution weights take one scale "
+                f"per output channel; pass group_size=None")
     return None
 
 

@@ -1,4 +1,5 @@
-"""Intx weights: 2 to 7 bits per value in groups, bit-packed, symmetric (int{b}) or affine (uint{b} + zero point)."""
+"""Intx weights: 2 to 7 bits per value in groups (per output channel on convolutions), bit-packed, symmetric
+(int{b}) or affine (uint{b} + zero point)."""
 
 from __future__ import annotations
 
@@ -23,4 +24,4 @@ class IntxTensor(BlockQuantizedTensor):
     scheme = "intx"
 
 
-register_scheme(IntxTensor, INTX_QTYPES)
+register_scheme(IntxTensor, INTX_QTYPES, conv=True)
