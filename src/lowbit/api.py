@@ -98,7 +98,8 @@ class WeightHandler:
 
     def targets(self, model, config, filter_fn, module_swap):
         refuse_prepared(model, "quantize_")
-        return select_targets(model, filter_fn, config, "module_swap gives each layer its own buffers" if module_swap else None)
+        return select_targets(model, filter_fn, config, "module_swap gives each layer its own buffers" if module_swap else None,
+                              stacklevel=4)
 
     def validate(self, targets, config, module_swap):
         validate_targets(targets, config, module_swap)

@@ -61,13 +61,14 @@ def module_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 
 def select_targets(model: nn.Module, filter_fn: FilterFn | None, config: QuantConfig,
-                   per_layer_state: str | None = None) -> list[tuple[str, nn.Module]]:
+                   per_layer_state: str | None = None, stacklevel: int = 3) -> list[tuple[str, nn.Module]]:
     """The modules ``filter_fn`` selects (default: :func:`default_filter`), in model order, with tied weights kept
     tied, warning about what is left float.
 
     A weight shared by a selected module and others joins them all to the selection when ``config`` quantizes
     each of them; the modules sharing it are dropped with a warning when one cannot take ``config`` or when
     ``per_layer_state`` says why each layer needs a weight of its own (module swap, static activation scales).
+    Warnings point ``stacklevel`` frames up (the user's call of the public function that selects).
     With the default filter, other modules holding 2-D float weights (nn.Embedding excepted: opt in by
     filter_fn) are named in a warning.
     """
@@ -85,11 +86,11 @@ def select_targets(model: nn.Module, filter_fn: FilterFn | None, config: QuantCo
         for _, module, _ in group:
             selected.pop(id(module), None)
             kept_float.add(id(module))
-        warnings.warn(f"{' and '.join(map(repr, names))} are one tied weight: they stay float and tied, as {reason}", stacklevel=3)
+        warnings.warn(f"{' and '.join(map(repr, names))} are one tied weight: they stay float and tied, as {reason}", stacklevel=stacklevel)
     order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
     targets = sorted(selected.values(), key=lambda target: order[id(target[1])])
     if filter_fn is None:
-        _warn_left_float(model, {id(m) for _, m in targets} | kept_float)
+        _warn_left_float(model, {id(m) for _, m in targets} | kept_float, stacklevel + 1)
     return targets
 
 
@@ -114,13 +115,13 @@ def _tie_conflict(group, selected, config) -> str | None:
     return None
 
 
-def _warn_left_float(model: nn.Module, handled: set[int]) -> None:
+def _warn_left_float(model: nn.Module, handled: set[int], stacklevel: int) -> None:
     left = [f"{fqn} ({type(m).__name__})" for fqn, m in model.named_modules()
             if id(m) not in handled and not isinstance(m, nn.Embedding) and _float_matrix(getattr(m, "weight", None))]
     if left:
         warnings.warn(f"the default filter quantizes nn.Linear and transformers Conv1D layers; {len(left)} other modules "
                       f"with 2-D weights stay float: {left[:5]}{' ...' if len(left) > 5 else ''}. Pass a filter_fn that "
-                      f"selects them to quantize them (as linear weights, applied through F.linear)", stacklevel=4)
+                      f"selects them to quantize them (as linear weights, applied through F.linear)", stacklevel=stacklevel)
 
 
 def _float_matrix(weight) -> bool:

@@ -7,6 +7,7 @@ so every flow's results agree with the kernels' by construction.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -55,15 +56,22 @@ def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     shape = x.shape
     scale = expand_params(scale).float()
     scaled = to_blocks(x, block_size).float() / scale
-    if qt.is_float:  # float8: rounding to the nearest representable value
-        clipped = scaled.clamp(qt.qmin, qt.qmax)
-        q = clipped + (clipped.to(qt.storage).float() - clipped).detach()
+    if qt.is_float:  # float8: rounding to the nearest representable value, straight through where it stays in range
+        rounded = scaled.clamp(qt.qmin, qt.qmax).to(qt.storage).float()
+        inside = scaled.abs() < _largest_rounding_to_max(qt.storage)  # as integers: round, then clip
+        q = rounded + (scaled - scaled.detach()) * inside
         return (q * scale).to(x.dtype).reshape(shape)
     q = ste_round(scaled)
     if zero_point is None:
         return (q.clamp(qt.qmin, qt.qmax) * scale).to(x.dtype).reshape(shape)
     zero_point = expand_params(zero_point).float()
     return ((q + zero_point).clamp(qt.qmin, qt.qmax).sub(zero_point) * scale).to(x.dtype).reshape(shape)
+
+
+def _largest_rounding_to_max(dtype: torch.dtype) -> float:
+    """Where rounding to the float ``dtype`` stops giving its largest finite value: max + half its last step."""
+    info = torch.finfo(dtype)
+    return info.max + 2.0 ** (math.frexp(info.max)[1] - 1) * info.eps / 2
 
 
 def fake_quantize_activation(x: torch.Tensor, act) -> torch.Tensor:

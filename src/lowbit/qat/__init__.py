@@ -11,7 +11,7 @@ Example:
 from .config import QATConfig
 from .conv_bn import ConvBn, ConvBn1d, ConvBn2d, ConvBn3d
 from .fake_quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
-from .flow import QATHandler, freeze_bn_stats, freeze_ranges, weight_fake_quantizer
+from .flow import QATHandler, freeze_bn_stats, freeze_ranges, range_parameters, weight_fake_quantizer
 
 __all__ = [
     "ActivationFakeQuantizer",
@@ -24,5 +24,6 @@ __all__ = [
     "WeightFakeQuantizer",
     "freeze_bn_stats",
     "freeze_ranges",
+    "range_parameters",
     "weight_fake_quantizer",
 ]

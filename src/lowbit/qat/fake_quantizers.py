@@ -55,14 +55,17 @@ class WeightFakeQuantizer(nn.Module):
         block_size: the blocks of that weight.
         range_learning: learn scales (and zero points) instead of choosing min/max ones each call.
         transposed: the module stores the weight transposed (transformers' Conv1D keeps (in, out)).
+        smoothed: the layer's input is smoothed (static SmoothQuant): the weight's columns are multiplied by the
+            factors :meth:`set_smoothing` fixes (ones until then).
     """
 
     def __init__(self, spec: WeightSpec, weight: torch.Tensor, block_size, *, range_learning: bool = False,
-                 transposed: bool = False):
+                 transposed: bool = False, smoothed: bool = False):
         super().__init__()
         self.spec, self.block_size, self.transposed = spec, tuple(block_size), transposed
         self.range_learning = range_learning
-        self.register_buffer("smoothing", None)  # (K,) SmoothQuant factors multiplying the weight's columns
+        # (K,) SmoothQuant factors multiplying the weight's columns
+        self.register_buffer("smoothing", torch.ones(weight.shape[1], device=weight.device) if smoothed else None)
         if range_learning:
             scale, zero_point = self.minmax_qparams(weight)
             self.scale = nn.Parameter(scale)
@@ -100,7 +103,7 @@ class WeightFakeQuantizer(nn.Module):
 
     def set_smoothing(self, smoothing: torch.Tensor, weight: torch.Tensor) -> None:
         """Multiply the weight's columns by ``smoothing`` from now on; learned qparams restart from its min/max."""
-        self.smoothing = smoothing
+        self.smoothing.copy_(smoothing)
         if self.range_learning:
             scale, zero_point = self.minmax_qparams(self.applied(weight))
             with torch.no_grad():
@@ -123,7 +126,7 @@ class ActivationFakeQuantizer(nn.Module):
     """
 
     def __init__(self, spec: ActivationSpec, *, range_learning: bool = False, averaging_constant: float = 0.01,
-                 channels: int | None = None):
+                 channels: int | None = None, device: torch.device | None = None):
         super().__init__()
         self.spec = spec
         self.static = spec.mode == "static"
@@ -131,13 +134,13 @@ class ActivationFakeQuantizer(nn.Module):
         if not self.static:
             return
         self.averaging_constant, self.observing = averaging_constant, True
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("min_val", torch.tensor(float("inf"), device=device))
+        self.register_buffer("max_val", torch.tensor(float("-inf"), device=device))
         self.smoothing_pending = spec.smoothing is not None and channels is not None
-        self.register_buffer("smoothing", torch.ones(channels) if self.smoothing_pending else None)
+        self.register_buffer("smoothing", torch.ones(channels, device=device) if self.smoothing_pending else None)
         if self.range_learning:
-            self.scale = nn.Parameter(torch.ones(()))
-            self.zero_point = None if spec.symmetric else nn.Parameter(torch.zeros(()))
+            self.scale = nn.Parameter(torch.ones((), device=device))
+            self.zero_point = None if spec.symmetric else nn.Parameter(torch.zeros((), device=device))
 
     @property
     def observed(self) -> bool:

@@ -39,7 +39,8 @@ class QATHandler:
             refuse_prepared(model, "QAT's prepare step")
             base = config.base_config
             static = _is_static(base.spec())
-            return select_targets(model, filter_fn, base, "static quantization gives each layer its own activation scale" if static else None)
+            per_layer = "static quantization gives each layer its own activation scale" if static else None
+            return select_targets(model, filter_fn, base, per_layer, stacklevel=4)
         prepared = [(fqn, m) for fqn, m in model.named_modules() if hasattr(m, QAT_ATTR)]
         if not prepared:
             raise ValueError("no layer is prepared for QAT: run quantize_(model, QATConfig(base_config, step='prepare')) "
@@ -97,18 +98,18 @@ def _prepare(targets, config: QATConfig) -> None:
         layout = conv_layout(module)
         linear = weight.t() if is_conv1d(module) else weight
         block = layout.get("block_size") or spec.weight.block_size(linear.shape)
+        smoothed = _is_static(spec) and spec.activation.smoothing is not None and not layout  # linear layers only
         if key not in shared:
             shared[key] = WeightFakeQuantizer(spec.weight, linear, block, range_learning=config.range_learning,
-                                              transposed=is_conv1d(module))
+                                              transposed=is_conv1d(module), smoothed=smoothed)
         if isinstance(module, ConvBn):
             module.weight_fake_quant = shared[key]
         else:
             parametrize.register_parametrization(module, "weight", shared[key], unsafe=True)
         if spec.activation is not None:
-            smoothed = _is_static(spec) and not layout  # SmoothQuant applies to linear layers only
             channels = linear.shape[1] if smoothed else None
             module.add_module(ACT_ATTR, ActivationFakeQuantizer(spec.activation, range_learning=config.range_learning,
-                                                                channels=channels))
+                                                                channels=channels, device=linear.device))
             module.register_forward_pre_hook(_fake_quantize_input)
         setattr(module, QAT_ATTR, config.base_config)
 
@@ -119,7 +120,7 @@ def _fake_quantize_input(module: nn.Module, args):
         weights = weight_fake_quantizer(module)
         float_weight = _applied_weight(module)
         smoothing = quantizer.fix_smoothing(args[0], weights.applied(float_weight))
-        weights.set_smoothing(smoothing.clone(), float_weight)
+        weights.set_smoothing(smoothing, float_weight)
     return (quantizer(args[0]),) + tuple(args[1:])
 
 
@@ -166,6 +167,11 @@ def _unprepare(module: nn.Module) -> None:
     """Remove what the prepare step added: the parametrization (the float weight returns), the input hook and
     fake quantizer, the recorded config."""
     if parametrize.is_parametrized(module, "weight"):
+        # deep copies share the class parametrize generated, and removal deletes the property from that class:
+        # give this module a class of its own first, so its copies keep theirs
+        cls = type(module)
+        own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, own)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook is _fake_quantize_input:
@@ -173,6 +179,28 @@ def _unprepare(module: nn.Module) -> None:
     for name in (ACT_ATTR, QAT_ATTR):
         if hasattr(module, name):
             delattr(module, name)
+
+
+def range_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned scales and zero points of ``model``'s fake quantizers (``range_learning=True``), e.g. for an
+    optimizer parameter group of their own: LSQ's gradient scaling is tuned for SGD, while Adam moves every
+    parameter by about its learning rate, so with Adam give these a learning rate near their size (1e-5 to 1e-4).
+
+    Example:
+        >>> import lowbit
+        >>> model = nn.Sequential(nn.Linear(32, 8))
+        >>> _ = lowbit.quantize_(model, QATConfig(lowbit.Int4WeightOnly(group_size=32), range_learning=True))
+        >>> learned = range_parameters(model)
+        >>> others = [p for p in model.parameters() if all(p is not q for q in learned)]
+        >>> optimizer = torch.optim.Adam([{"params": others}, {"params": learned, "lr": 1e-5}], lr=1e-3)
+    """
+    found = {}
+    for module in model.modules():
+        if isinstance(module, (WeightFakeQuantizer, ActivationFakeQuantizer)) and module.range_learning:
+            for p in (module.scale, module.zero_point):
+                if p is not None:
+                    found[id(p)] = p
+    return list(found.values())
 
 
 def freeze_ranges(model: nn.Module) -> nn.Module:
