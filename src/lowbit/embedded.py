@@ -21,17 +21,23 @@ STDLIB_MODULES = (
 )
 
 
-def stdlib_sentences(count: int, offset: int = 0) -> list[str]:
+def stdlib_sentences(count: int, offset: int = 0, modules: tuple[str, ...] = STDLIB_MODULES) -> list[str]:
     """``count`` distinct English sentences (8 to 60 words) from standard library docstrings.
 
-    Sentences are taken in a fixed order, so ``offset`` gives a disjoint set (calibration vs evaluation).
+    Sentences are taken in a fixed order, so ``offset`` gives a disjoint set (calibration vs evaluation);
+    ``modules`` (names of standard library modules, read in this order) gives text from other modules
+    (training on some, evaluating on others).
 
     Example:
         >>> len(stdlib_sentences(5))
         5
+        >>> len(stdlib_sentences(5, modules=("json", "heapq")))
+        5
     """
+    if isinstance(modules, str) or not modules:
+        raise ValueError(f"modules must be a non-empty sequence of module names; received {modules!r}")
     seen: dict[str, None] = {}
-    for module_name in STDLIB_MODULES:
+    for module_name in modules:
         module = importlib.import_module(module_name)
         docs = [inspect.getdoc(module)] + [inspect.getdoc(obj) for _, obj in sorted(vars(module).items()) if callable(obj)]
         for doc in docs:

@@ -67,9 +67,10 @@ def test_scale_and_zero_point_gradients_are_lsq():
     torch.testing.assert_close(z.grad.squeeze(), expected_z)
 
 
-@pytest.mark.parametrize("name,above,beyond", [("int8", 127.4, 127.6), ("float8_e4m3fn", 460.0, 470.0),
-                                               ("float8_e5m2", 60000.0, 62000.0)])
-def test_a_value_rounding_to_the_range_end_keeps_its_gradient(name, above, beyond):
-    x = torch.tensor([[above, beyond, -above, -beyond]], requires_grad=True)
+@pytest.mark.parametrize("name,low,high", [("int8", (-128.4, -128.6), (127.4, 127.6)),
+                                           ("float8_e4m3fn", (-460.0, -470.0), (460.0, 470.0)),
+                                           ("float8_e5m2", (-60000.0, -62000.0), (60000.0, 62000.0))])
+def test_a_value_rounding_to_the_range_end_keeps_its_gradient(name, low, high):
+    x = torch.tensor([[high[0], high[1], low[0], low[1]]], requires_grad=True)
     fake_quantize_ste(x, torch.ones(1, 1), None, (1, 4), name).sum().backward()
     assert x.grad.tolist() == [[1.0, 0.0, 1.0, 0.0]]

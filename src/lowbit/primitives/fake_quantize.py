@@ -57,7 +57,7 @@ def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     scale = expand_params(scale).float()
     scaled = to_blocks(x, block_size).float() / scale
     if qt.is_float:  # float8: rounding to the nearest representable value, straight through where it stays in range
-        rounded = scaled.clamp(qt.qmin, qt.qmax).to(qt.storage).float()
+        rounded = scaled.detach().clamp(qt.qmin, qt.qmax).to(qt.storage).float()
         inside = scaled.abs() < _largest_rounding_to_max(qt.storage)  # as integers: round, then clip
         q = rounded + (scaled - scaled.detach()) * inside
         return (q * scale).to(x.dtype).reshape(shape)
