@@ -25,8 +25,8 @@ from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
 from ..targets import (
-    OBSERVER_ATTR, FilterFn, conv_layout, is_conv1d, linear_weight, module_weight, select_targets, set_submodule,
-    validate_targets,
+    OBSERVER_ATTR, QAT_ATTR, FilterFn, conv_layout, is_conv1d, linear_weight, module_weight, select_targets, set_submodule,
+    refuse_prepared, validate_targets,
 )
 from ..tensors.from_spec import quantize_block, with_static_activation
 from ..specs import ActivationSpec
@@ -51,6 +51,8 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     if not isinstance(config, STATIC_CONFIGS):
         names = ", ".join(c.__name__ for c in STATIC_CONFIGS)
         raise TypeError(f"prepare takes a static config ({names}); received {type(config).__name__}")
+    if any(hasattr(m, QAT_ATTR) for m in model.modules()):
+        refuse_prepared(model, "lowbit.prepare")
     targets = select_targets(model, filter_fn, config, "static quantization gives each layer its own activation scale")
     if not targets:
         raise ValueError(f"prepare with {config.label()}: filter_fn selected no module")
