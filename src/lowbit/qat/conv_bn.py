@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..bn_folding import bn_factor, folded_bias, scale_output_channels
 
@@ -32,11 +33,12 @@ class ConvBn:
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factor = bn_factor(self.bn)
+        training_stats = self.training and not self.bn_frozen
+        factor = _saved_factor(self.bn) if training_stats and torch.compiler.is_compiling() else bn_factor(self.bn)
         weight = scale_output_channels(self.weight, factor)
         if self.weight_fake_quant is not None:
             weight = self.weight_fake_quant(weight)
-        if not self.training or self.bn_frozen:
+        if not training_stats:
             return self._conv_forward(x, weight, folded_bias(self.bias, self.bn, factor))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         y = self._conv_forward(x, weight, None) / factor.view(shape)
@@ -57,6 +59,21 @@ class ConvBn:
         conv.bias = nn.Parameter(folded_bias(self.bias, self.bn, factor).to(self.weight.dtype), self.weight.requires_grad)
         conv.train(self.training)
         return conv
+
+
+def _must_save(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE
+
+
+def _save_everything():
+    return create_selective_checkpoint_contexts(_must_save)
+
+
+def _saved_factor(bn: nn.Module) -> torch.Tensor:
+    """:func:`bn_factor` for a compiled training step: computed once and saved for the backward. The step reads
+    ``running_var`` and BatchNorm then updates it in place; PyTorch 2.13's partitioner may recompute a read of a
+    mutated buffer in the backward, after the update, giving wrong gradients (pytorch/pytorch PR 197039)."""
+    return checkpoint(bn_factor, bn, use_reentrant=False, context_fn=_save_everything)
 
 
 def _conv_args(conv: nn.Module) -> dict:
