@@ -170,3 +170,16 @@ def test_transformers_conv1d_trains_and_converts_exactly():
         fake = model(x)
     _qat(model, with_kernel(config, "reference"), step="convert")
     assert model[0].weight.shape == (64, 128) and torch.equal(model(x), fake)
+
+
+def test_converted_model_saves_and_loads_with_its_learned_qparams(tmp_path):
+    config = lowbit.StaticInt8()
+    model = _qat(mlp(), config, qat={"range_learning": True})
+    train(model, 10, after_step=lambda step: step == 4 and freeze_ranges(model))
+    _qat(model, config, step="convert")
+    lowbit.save(model, tmp_path / "qat.safetensors")
+    fresh = mlp()
+    lowbit.load(fresh, tmp_path / "qat.safetensors")
+    x = torch.randn(8, 64)
+    assert torch.equal(fresh(x), model(x))
+    assert torch.equal(fresh[0].weight.act_scale, model[0].weight.act_scale)
