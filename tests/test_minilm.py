@@ -1,6 +1,8 @@
 """Accuracy on a real pretrained model: all-MiniLM-L6-v2 embedding standard-library sentences."""
 
 import copy
+import inspect
+import json
 
 import pytest
 
@@ -51,3 +53,15 @@ def test_int4_cosine_similarity_to_float(minilm, group_size, minimum, record_pro
 
 def test_sentences_for_evaluation_and_calibration_are_disjoint():
     assert not set(stdlib_sentences(64)) & set(stdlib_sentences(64, offset=64))
+
+
+def test_sentences_of_chosen_modules():
+    assert stdlib_sentences(300, modules=lowbit.embedded.STDLIB_MODULES) == stdlib_sentences(300)  # the default
+    json_docs = " ".join(" ".join((inspect.getdoc(o) or "").split()) for o in [json, *filter(callable, vars(json).values())])
+    from_json = stdlib_sentences(10, modules=("json",))
+    assert all(sentence in json_docs for sentence in from_json)
+    assert not set(from_json) & set(stdlib_sentences(20, modules=("heapq", "bisect")))
+    with pytest.raises(ValueError, match="non-empty sequence of module names; received 'json'"):
+        stdlib_sentences(5, modules="json")
+    with pytest.raises(ValueError, match=r"only \d+ sentences available; requested 500"):
+        stdlib_sentences(500, modules=("heapq",))
