@@ -1,0 +1,93 @@
+"""Small graph helpers shared by prepare and convert: attribute access, BatchNorm folding, train/eval."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+CONV_TARGETS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+BATCH_NORM = aten.batch_norm.default  # (x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+DROPOUT = aten.dropout.default  # (x, p, train)
+
+
+def check_graph_module(model, action: str) -> None:
+    if not isinstance(model, GraphModule):
+        raise TypeError(f"{action} takes the graph of an exported model, torch.export.export(model, args).module(); "
+                        f"received {type(model).__name__}")
+
+
+def attribute(model: GraphModule, target: str) -> torch.Tensor:
+    """The tensor a get_attr ``target`` (a dotted path) names."""
+    owner, _, name = target.rpartition(".")
+    return getattr(model.get_submodule(owner), name)
+
+
+def add_constant(model: GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
+    """Register ``value`` as a buffer of ``model`` under a fresh name built from ``name``; a get_attr node for it."""
+    base = name.replace(".", "_")
+    fresh, i = base, 0
+    while hasattr(model, fresh):
+        i += 1
+        fresh = f"{base}_{i}"
+    model.register_buffer(fresh, value)
+    with model.graph.inserting_before(before):
+        node = model.graph.get_attr(fresh)
+    node.meta["val"] = value
+    return node
+
+
+def fold_batch_norms(model: GraphModule) -> int:
+    """Fold each eval-mode ``batch_norm`` whose input is a conv used only by it into the conv's weight and bias
+    (W * gamma / sigma per output channel, (b - mean) * gamma / sigma + beta), as :func:`lowbit.fuse` does.
+    Returns the number folded."""
+    folded = 0
+    for bn in [n for n in model.graph.nodes if n.target is BATCH_NORM]:
+        conv, weight, bias, mean, var, training, _, eps = bn.args[:8]
+        if training or not isinstance(conv, Node) or conv.target not in CONV_TARGETS or len(conv.users) != 1 \
+                or conv.args[1].op != "get_attr":
+            continue
+        w = attribute(model, conv.args[1].target)
+        conv_bias = conv.args[2] if len(conv.args) > 2 else None
+        mean_v, var_v = attribute(model, mean.target), attribute(model, var.target)
+        gamma = attribute(model, weight.target) if weight is not None else torch.ones_like(mean_v)
+        beta = attribute(model, bias.target) if bias is not None else torch.zeros_like(mean_v)
+        b = attribute(model, conv_bias.target) if conv_bias is not None else torch.zeros_like(mean_v)
+        with torch.no_grad():
+            factor = gamma / torch.sqrt(var_v + eps)
+            new_w = w * factor.view(-1, *([1] * (w.dim() - 1)))
+            new_b = (b - mean_v) * factor + beta
+        args = list(conv.args) + [None] * (3 - len(conv.args))
+        args[1] = add_constant(model, f"{conv.args[1].target}_folded", new_w.detach(), conv)
+        args[2] = add_constant(model, f"{conv.args[1].target}_folded_bias", new_b.detach(), conv)
+        conv.args = tuple(args)
+        bn.replace_all_uses_with(conv)
+        model.graph.erase_node(bn)
+        folded += 1
+    model.graph.eliminate_dead_code()
+    drop_unused_attributes(model)
+    return folded
+
+
+def drop_unused_attributes(model: GraphModule) -> None:
+    """Delete buffers and parameters no get_attr node reads any more (the float weights a fold replaced)."""
+    used = {n.target for n in model.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in model.graph.nodes if n.op == "call_module"}
+    for name, _ in list(model.named_buffers()) + list(model.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        if name not in used and not any(owner == c or owner.startswith(c + ".") for c in called):
+            delattr(model.get_submodule(owner), attr)
+
+
+def set_train_mode(model: GraphModule, train: bool) -> GraphModule:
+    """Switch an exported graph's dropout and batch-norm nodes (their mode is an argument, not ``model.training``)
+    and its observer / fake-quantizer modules to training or eval."""
+    for node in model.graph.nodes:
+        if node.target is DROPOUT:
+            node.args = (*node.args[:2], train)
+        elif node.target is BATCH_NORM:
+            node.args = (*node.args[:5], train, *node.args[6:])
+    model.recompile()
+    for module in model.children():
+        module.train(train)
+    return model
