@@ -217,13 +217,18 @@ def _rewrite_weight(model: GraphModule, edge_input: Node, consumer: Node, plan: 
 
 
 def _spec_edge_plan(model: GraphModule) -> list[tuple[Node, Node, _Quantized]]:
-    """Fixed and derived specs: constant qparams on the edge, (producer, consumer, plan)."""
+    """Dynamic edges (qparams per call), fixed and derived specs (constant qparams): (producer, consumer, plan)."""
     plan = []
     for consumer in list(model.graph.nodes):
         annotation = annotation_of(consumer)
         if annotation is None:
             continue
         for producer, spec in annotation.input_qspec_map.items():
+            rank = producer.meta["val"].dim()
+            if isinstance(spec, QuantizationSpec) and spec.is_dynamic and _edge_input(consumer, producer) is producer:
+                plan.append((producer, consumer, _Quantized(spec.qtype, spec.block_size(rank), None, None,
+                                                            symmetric=spec.symmetric)))
+                continue
             if isinstance(spec, FixedQParamsQuantizationSpec):
                 scale, zero_point = torch.tensor(float(spec.scale)), torch.tensor(int(spec.zero_point))
             elif isinstance(spec, DerivedQuantizationSpec):
@@ -233,7 +238,6 @@ def _spec_edge_plan(model: GraphModule) -> list[tuple[Node, Node, _Quantized]]:
                 continue
             qt = spec.qtype
             zero_point = None if spec.symmetric else torch.as_tensor(zero_point).to(get_qtype(qt).storage)
-            rank = producer.meta["val"].dim()
             plan.append((producer, consumer, _Quantized(qt, [-1] * rank, torch.as_tensor(scale).float(), zero_point)))
     return plan
 

@@ -10,6 +10,8 @@ A static spec with ``smoothing`` (SmoothQuant) on a linear's input gets a :class
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule, Node
@@ -157,7 +159,7 @@ class _Inserter:
             if self.qat:
                 self.edge_nodes[(producer, consumer)] = self._call(producer, self._make(spec, producer, consumer), consumer)
             return  # post-training weights are quantized from their values at convert
-        key = (producer, id(spec.observer_or_fake_quant_ctr), spec.qtype, spec.symmetric, spec.is_dynamic)
+        key = (producer, _maker_key(spec.observer_or_fake_quant_ctr), spec.qtype, spec.symmetric, spec.is_dynamic)
         if producer in self.output_nodes:
             self.edge_nodes[(producer, consumer)] = self.output_nodes[producer]
             consumer.replace_input_with(producer, self.output_nodes[producer])
@@ -212,6 +214,13 @@ class _Inserter:
         else:
             producer.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
         return call
+
+
+def _maker_key(maker):
+    """Observer makers that build alike compare equal (``functools.partial`` of one class and arguments)."""
+    if isinstance(maker, functools.partial):
+        return maker.func, maker.args, tuple(sorted(maker.keywords.items()))
+    return maker
 
 
 def _scheme(spec: QuantizationSpec) -> str:

@@ -18,6 +18,8 @@ leaves the matching nodes float.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
@@ -68,8 +70,8 @@ def activation_qspec(config: QuantConfig) -> QuantizationSpec | None:
     qscheme = torch.per_tensor_symmetric if a.symmetric else torch.per_tensor_affine
     if a.mode == "dynamic":
         return QuantizationSpec(qt.storage, qscheme=qscheme, is_dynamic=True, per_token=a.granularity == "per_token", **bounds)
-    observer = OBSERVERS[a.observer]
-    return QuantizationSpec(qt.storage, lambda: observer(a.qtype, a.symmetric), qscheme=qscheme, smoothing=a.smoothing,
+    observer = functools.partial(OBSERVERS[a.observer], a.qtype, a.symmetric)
+    return QuantizationSpec(qt.storage, observer, qscheme=qscheme, smoothing=a.smoothing,
                             **bounds)
 
 
