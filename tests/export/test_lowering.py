@@ -9,6 +9,7 @@ of their magnitudes, plus one rounding each for the bias, the scales and the pos
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import lowbit.export.lowering as lowering
+from lowbit.export import fused_ops
 from lowbit.export.fused_ops import QCONV_STATIC, QLINEAR_DYNAMIC, QLINEAR_STATIC
 from lowbit.export.qdq import DEQUANTIZE, QUANTIZE
 from lowbit.specs import ActivationQuant, weight_spec
@@ -229,6 +231,18 @@ def test_weight_changed_in_place_is_packed_again():
     gm.w_s.mul_(2)
     fresh = copy.deepcopy(gm)  # new tensors: packed from scratch
     assert torch.equal(gm(x), fresh(x))
+
+
+@pytest.mark.parametrize("pattern, make, args", cases(), ids=[c[0] for c in cases()])
+def test_packed_weight_is_dropped_with_the_weight(pattern, make, args):
+    gm = converted(make(), *args)
+    lowering.lower(gm)
+    gm(*args)
+    key = id(gm.w_q)
+    assert any(k[0] == key for k in fused_ops._PACKED)
+    del gm
+    gc.collect()
+    assert not any(k[0] == key for k in fused_ops._PACKED)  # the cache holds no reference that keeps it alive
 
 
 def test_shared_qdq_pair_feeds_every_lowered_linear():

@@ -38,16 +38,21 @@ _AUTOCAST = torch.library.Library("lowbit", "IMPL")  # the ops' AutocastCPU kern
 
 @dataclass
 class _Packed:
-    """A weight packed for its kernel and what it was packed from (live references, versions)."""
+    """A weight packed for its kernel and what it was packed from (weak references and versions: the cache keeps no
+    weight alive; the weight's own tensor is handed back per call, not stored)."""
 
     weight: weakref.ref
     scale: weakref.ref
     versions: tuple[int, int]
-    tensors: dict
+    tensors: dict  # the kernel's tensors but the weight values themselves
+    weight_names: tuple[str, ...]  # the kernel tensors that are the weight values
     meta: dict
 
     def serves(self, w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
         return self.weight() is w_q and self.scale() is w_scale and self.versions == (w_q._version, w_scale._version)
+
+    def kernel_tensors(self, w_q: torch.Tensor) -> dict:
+        return {**self.tensors, **{name: w_q for name in self.weight_names}}
 
 
 _PACKED: dict[tuple, _Packed] = {}  # (id(w_q), scheme, activation, groups) -> packed weight
@@ -60,20 +65,19 @@ def packed_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_block: list[int], 
     key = (id(w_q), scheme, activation, groups)
     entry = _PACKED.get(key)
     if entry is not None and entry.serves(w_q, w_scale):
-        return entry.tensors, entry.meta
+        return entry.kernel_tensors(w_q), entry.meta
     if w_q.dtype != torch.int8:
         raise TypeError(f"lowbit's fused int8 ops take int8 weight values; received {w_q.dtype}")
-    block = resolve_block_size(w_q.shape, w_block)
-    weight = Int8Tensor(qdata=w_q, scale=w_scale.float().reshape(block_grid(w_q.shape, w_block)), zero_point=None,
-                        qtype="int8", block_size=block, packed_dim=None, kernel="auto", groups=groups, shape=w_q.shape,
-                        dtype=torch.float32)
-    packed = with_packing(weight, scheme, activation)
-    tensors, meta = packed.kernel_inputs()
+    scale = w_scale.float().reshape(block_grid(w_q.shape, w_block)).clone()  # no reference to w_scale either
+    weight = Int8Tensor(qdata=w_q, scale=scale, zero_point=None, qtype="int8", block_size=resolve_block_size(w_q.shape, w_block),
+                        packed_dim=None, kernel="auto", groups=groups, shape=w_q.shape, dtype=torch.float32)
+    tensors, meta = with_packing(weight, scheme, activation).kernel_inputs()
     if entry is None:  # the first entry for this tensor: dropped with it
         weakref.finalize(w_q, _PACKED.pop, key, None)
-    _PACKED[key] = _Packed(weakref.ref(w_q), weakref.ref(w_scale), (w_q._version, w_scale._version), tensors,
-                           {**meta, "activation": activation})
-    return tensors, _PACKED[key].meta
+    names = tuple(name for name, t in tensors.items() if t is w_q)
+    entry = _PACKED[key] = _Packed(weakref.ref(w_q), weakref.ref(w_scale), (w_q._version, w_scale._version),
+                                   {n: t for n, t in tensors.items() if n not in names}, names, {**meta, "activation": activation})
+    return entry.kernel_tensors(w_q), entry.meta
 
 
 def _run(op: str, scheme: str, x: torch.Tensor, tensors: dict, meta: dict, bias: Optional[torch.Tensor]) -> torch.Tensor:

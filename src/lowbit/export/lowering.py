@@ -12,7 +12,9 @@ matmul / bmm of two quantized inputs) stay as they are: the Q/DQ graph computes 
 
 Importing this module registers :data:`LOWERING_PASS` as Inductor's ``pre_grad_custom_pass`` (after any pass
 already set), so ``torch.compile(converted)`` lowers with ``torch._inductor.config.freezing`` on or off; each
-replacement is counted in ``torch._dynamo.utils.counters["lowbit"]`` by pattern name.
+replacement is counted in ``torch._dynamo.utils.counters["lowbit"]`` by pattern name (when the pass runs: a
+compilation served from Inductor's FX graph cache reuses lowered code without counting). Importing this module
+imports Inductor's config (about 1.5 s once per process).
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def _value(node: Any):
         return None
     value = node.meta.get("val", node.meta.get("example_value"))
     if value is None and node.op == "get_attr" and node.graph.owning_module is not None:
-        value = getattr(node.graph.owning_module, node.target, None)
+        value = node.graph.owning_module
+        for name in node.target.split("."):
+            value = getattr(value, name, None)
     return value if isinstance(value, torch.Tensor) else None
 
 
