@@ -22,7 +22,9 @@ from ..qat.fake_quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 from .annotation import (
     DerivedQuantizationSpec, FixedQParamsQuantizationSpec, QuantizationSpec, annotation_of,
 )
-from .graph_utils import add_constant, attribute, check_graph_module, drop_unused_attributes, fold_batch_norms, set_train_mode
+from .graph_utils import (
+    ADDMM, add_constant, attribute, check_graph_module, drop_unused_attributes, fold_batch_norms, set_train_mode, weight_edge,
+)
 from .prepare import OBSERVER_PREFIX, PT2E_KEY, SmoothingObserver
 from .qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, resolve_block_size
 
@@ -94,10 +96,12 @@ def _check_calibrated(model: GraphModule) -> None:
 
 
 def _weight_of(model: GraphModule, consumer: Node) -> torch.Tensor:
-    weight = consumer.args[1]
+    """The (out, in) weight of a linear or Conv1D addmm node."""
+    weight = weight_edge(consumer)[1]
     if weight.op == "call_module":  # a QAT weight fake quantizer
         weight = weight.args[0]
-    return attribute(model, weight.target)
+    value = attribute(model, weight.target)
+    return value.t() if consumer.target is ADDMM else value
 
 
 def _smoothing_plan(model: GraphModule) -> dict[Node, torch.Tensor]:
@@ -152,8 +156,9 @@ def _weight_plan(model: GraphModule, smoothing: dict[Node, torch.Tensor]) -> dic
                 plan[(edge_input, consumer)] = done[key]
                 continue
             check_finite(weight, producer.target)
-            if smooth is not None:
-                weight = (weight.float() * smooth).to(weight.dtype)
+            if smooth is not None:  # the input channels: columns of (out, in), rows of Conv1D's (in, out)
+                factor = smooth[:, None] if consumer.target is ADDMM else smooth
+                weight = (weight.float() * factor).to(weight.dtype)
             block = resolve_block_size(weight.shape, spec.block_size(weight.dim()))
             learned = fake.convert_qparams(weight) if isinstance(fake, WeightFakeQuantizer) else None
             if learned is not None:
@@ -174,8 +179,10 @@ def _edge_input(consumer: Node, producer: Node) -> Node:
     raise ValueError(f"{consumer.name} no longer reads {producer.name}: the graph changed after prepare_pt2e")
 
 
-def _qdq(model: GraphModule, x: Node, plan: _Quantized, name: str, out_dtype: torch.dtype, before: Node) -> Node:
-    """quantize -> dequantize of ``x`` (with a dynamic choose_qparams when the plan has no scale)."""
+def _qdq(model: GraphModule, x: Node, plan: _Quantized, name: str, out_dtype: torch.dtype, before: Node,
+         reuse: bool = False) -> Node:
+    """quantize -> dequantize of ``x`` (with a dynamic choose_qparams when the plan has no scale); ``reuse``: the
+    qparams buffers named ``name`` may exist already (one shared observer)."""
     graph = model.graph
     if plan.smooth is not None:
         smooth = add_constant(model, f"{name}_smooth", plan.smooth, before)
@@ -187,8 +194,9 @@ def _qdq(model: GraphModule, x: Node, plan: _Quantized, name: str, out_dtype: to
             scale = graph.call_function(operator.getitem, (qparams, 0))
             zero_point = graph.call_function(operator.getitem, (qparams, 1))
     else:
-        scale = add_constant(model, f"{name}_scale", plan.scale.float(), before)
-        zero_point = None if plan.zero_point is None else add_constant(model, f"{name}_zero_point", plan.zero_point, before)
+        scale = add_constant(model, f"{name}_scale", plan.scale.float(), before, reuse)
+        zero_point = None if plan.zero_point is None else add_constant(model, f"{name}_zero_point", plan.zero_point,
+                                                                      before, reuse)
     with graph.inserting_before(before):
         q = graph.call_function(QUANTIZE, (x, scale, zero_point, plan.block, plan.qtype))
         return graph.call_function(DEQUANTIZE, (q, scale, zero_point, plan.block, out_dtype))
@@ -196,7 +204,7 @@ def _qdq(model: GraphModule, x: Node, plan: _Quantized, name: str, out_dtype: to
 
 def _rewrite_activation(model: GraphModule, node: Node, plan: _Quantized) -> None:
     x = node.args[0]
-    dq = _qdq(model, x, plan, node.target.removeprefix(OBSERVER_PREFIX).join(("act", "")), x.meta["val"].dtype, node)
+    dq = _qdq(model, x, plan, f"act{node.target.removeprefix(OBSERVER_PREFIX)}", x.meta["val"].dtype, node, reuse=True)
     node.replace_all_uses_with(dq)
 
 

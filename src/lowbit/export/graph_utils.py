@@ -9,6 +9,12 @@ aten = torch.ops.aten
 CONV_TARGETS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 BATCH_NORM = aten.batch_norm.default  # (x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
 DROPOUT = aten.dropout.default  # (x, p, train)
+ADDMM = aten.addmm.default  # transformers' Conv1D: addmm(bias, x, W) with W stored (in, out)
+
+
+def weight_edge(node: Node) -> tuple[Node, Node]:
+    """(input, weight) nodes of a linear, conv or Conv1D addmm node."""
+    return (node.args[1], node.args[2]) if node.target is ADDMM else (node.args[0], node.args[1])
 
 
 def check_graph_module(model, action: str) -> None:
@@ -23,14 +29,17 @@ def attribute(model: GraphModule, target: str) -> torch.Tensor:
     return getattr(model.get_submodule(owner), name)
 
 
-def add_constant(model: GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
-    """Register ``value`` as a buffer of ``model`` under a fresh name built from ``name``; a get_attr node for it."""
+def add_constant(model: GraphModule, name: str, value: torch.Tensor, before: Node, reuse: bool = False) -> Node:
+    """Register ``value`` as a buffer of ``model`` under a fresh name built from ``name`` (``reuse``: the buffer
+    already registered under ``name``, one observer's qparams read at several places); a get_attr node for it."""
     base = name.replace(".", "_")
     fresh, i = base, 0
-    while hasattr(model, fresh):
+    while hasattr(model, fresh) and not reuse:
         i += 1
         fresh = f"{base}_{i}"
-    model.register_buffer(fresh, value)
+    if not hasattr(model, fresh):
+        model.register_buffer(fresh, value)
+    value = getattr(model, fresh)
     with model.graph.inserting_before(before):
         node = model.graph.get_attr(fresh)
     node.meta["val"] = value

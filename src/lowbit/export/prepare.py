@@ -130,7 +130,8 @@ class _Inserter:
         self.model, self.qat, self.count = model, qat, 0
         self.edge_nodes: dict[tuple[Node, Node], Node] = {}  # (producer, consumer) -> observer node
         self.output_nodes: dict[Node, Node] = {}  # producer -> its output observer node
-        self.shared: dict[tuple[Node, int], Node] = {}  # (producer, spec id) -> observer node, implicit sharing
+        self.shared: dict[tuple, Node] = {}  # (producer, observer kind) -> observer node, implicit sharing
+        self.deferred: list[tuple[Node, Node]] = []  # edges from a producer whose output is observed
 
     def run(self) -> None:
         annotated = [n for n in self.model.graph.nodes if annotation_of(n) is not None]
@@ -139,7 +140,7 @@ class _Inserter:
             for producer, spec in annotation.input_qspec_map.items():
                 if isinstance(spec, QuantizationSpec):
                     self._edge(producer, node, spec, annotation.allow_implicit_sharing)
-        for node in annotated:
+        for node in annotated:  # in graph order: a shared output refers to an input edge, maybe of an earlier output
             annotation = annotation_of(node)
             for producer, spec in annotation.input_qspec_map.items():
                 if isinstance(spec, SharedQuantizationSpec):
@@ -147,10 +148,17 @@ class _Inserter:
                 elif spec is not None and not isinstance(spec, (QuantizationSpec, FixedQParamsQuantizationSpec,
                                                                  DerivedQuantizationSpec)):
                     raise TypeError(f"{node.name}: unknown spec type {type(spec).__name__}")
-            if isinstance(annotation.output_qspec, SharedQuantizationSpec):
-                self.output_nodes[node] = self._call(node, self._module_of(annotation.output_qspec.edge_or_node))
-            elif isinstance(annotation.output_qspec, QuantizationSpec):
-                self.output_nodes[node] = self._call(node, self._make(annotation.output_qspec, node, None))
+            output = annotation.output_qspec
+            if isinstance(output, SharedQuantizationSpec):
+                self._output(node, self._module_of(output.edge_or_node))
+            elif isinstance(output, QuantizationSpec):
+                self._output(node, self._make(output, node, None))
+
+    def _output(self, node: Node, module: nn.Module) -> None:
+        """Observe ``node``'s output for all its users; edges deferred to it read that observer."""
+        call = self.output_nodes[node] = self._call(node, module)
+        for producer, consumer in [e for e in self.deferred if e[0] is node]:
+            self.edge_nodes[(producer, consumer)] = call
 
     def _edge(self, producer: Node, consumer: Node, spec: QuantizationSpec, sharing: bool) -> None:
         if spec.is_dynamic and not self.qat:
@@ -159,11 +167,11 @@ class _Inserter:
             if self.qat:
                 self.edge_nodes[(producer, consumer)] = self._call(producer, self._make(spec, producer, consumer), consumer)
             return  # post-training weights are quantized from their values at convert
+        if _has_output_spec(producer):  # implicit sharing: the consumer reads the producer's output observer
+            self.deferred.append((producer, consumer))
+            return
         key = (producer, _maker_key(spec.observer_or_fake_quant_ctr), spec.qtype, spec.symmetric, spec.is_dynamic)
-        if producer in self.output_nodes:
-            self.edge_nodes[(producer, consumer)] = self.output_nodes[producer]
-            consumer.replace_input_with(producer, self.output_nodes[producer])
-        elif sharing and spec.smoothing is None and key in self.shared:
+        if sharing and spec.smoothing is None and key in self.shared:
             self.edge_nodes[(producer, consumer)] = self.shared[key]
             consumer.replace_input_with(producer, self.shared[key])
         else:
@@ -214,6 +222,11 @@ class _Inserter:
         else:
             producer.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
         return call
+
+
+def _has_output_spec(node: Node) -> bool:
+    annotation = annotation_of(node)
+    return annotation is not None and isinstance(annotation.output_qspec, (QuantizationSpec, SharedQuantizationSpec))
 
 
 def _maker_key(maker):

@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 from ..calibration.observers import OBSERVERS
 from ..configs import QuantConfig
 from ..primitives.qtypes import get_qtype
-from .graph_utils import attribute
+from .graph_utils import ADDMM, attribute, weight_edge
 from .annotation import (
     QuantizationSpec, Quantizer, SharedQuantizationSpec, annotate, annotation_of, is_annotated,
 )
@@ -158,7 +158,7 @@ class X86Quantizer(Quantizer):
             config = self.config_for(node)
             if config is None or is_annotated(node):
                 continue
-            if node.target in LINEAR_OPS + CONV_OPS:
+            if node.target in LINEAR_OPS + CONV_OPS + (ADDMM,):
                 self._annotate_weighted(model, node, config)
             elif node.target in EMBEDDING_OPS and _is_weight(node.args[0]):
                 config = self.config_for(node, use_global=False)  # tables are quantized on request, as quantize_'s filter does
@@ -175,14 +175,21 @@ class X86Quantizer(Quantizer):
         return model
 
     def _annotate_weighted(self, model: GraphModule, node: Node, config: QuantConfig) -> None:
-        x, weight = node.args[0], node.args[1]
+        x, weight = weight_edge(node)
+        w_spec = weight_qspec(config)
+        if node.target is ADDMM:  # per output channel = per column of the stored (in, out) weight
+            if w_spec.group_size is not None or not (_is_weight(weight) and attribute(model, weight.target).dim() == 2):
+                return  # groups run along the stored weight's rows: not a layout the graph ops express here
+            w_spec = QuantizationSpec(w_spec.dtype, quant_min=w_spec.quant_min, quant_max=w_spec.quant_max,
+                                      qscheme=w_spec.qscheme, ch_axis=1 if w_spec.ch_axis is not None else None)
         if not _is_weight(weight) or (node.target in CONV_OPS and not config.supports_conv):
             return  # a computed weight stays float
-        config.check_weight(attribute(model, weight.target), weight.target)
+        config.check_weight(attribute(model, weight.target).t() if node.target is ADDMM else attribute(model, weight.target),
+                            weight.target)
         act = activation_qspec(config)
         if act is not None and node.target in CONV_OPS and act.smoothing is not None:
             act = QuantizationSpec(act.dtype, act.observer_or_fake_quant_ctr, act.quant_min, act.quant_max, act.qscheme)
-        inputs = {weight: weight_qspec(config)}
+        inputs = {weight: w_spec}
         if act is not None and _is_activation(x):
             inputs[x] = act
         annotate(node, inputs)
