@@ -35,10 +35,13 @@ class QuantizationSpecBase(abc.ABC):  # noqa: B024 - a marker base, as in torch.
     """Base of every spec kind."""
 
 
-def _qtype_name(dtype: torch.dtype, quant_min, quant_max) -> str:
+def _qtype_name(dtype: torch.dtype, quant_min, quant_max, symmetric: bool) -> str:
+    """The lowbit qtype of a torch.ao range; a symmetric [-qmax, qmax] is the signed qtype (its -qmax - 1 is never
+    produced by a symmetric scale)."""
     matches = [qt for qt in QTYPES.values() if qt.storage == dtype]
     for qt in matches:
-        if qt.is_float or (quant_min is None and qt.bits == 8) or (qt.qmin, qt.qmax) == (quant_min, quant_max):
+        if qt.is_float or (quant_min is None and qt.bits == 8) or (qt.qmin, qt.qmax) == (quant_min, quant_max) \
+                or symmetric and qt.qmin < 0 and (-qt.qmax, qt.qmax) == (quant_min, quant_max):
             return qt.name
     raise ValueError(f"no lowbit qtype stores {dtype} with range [{quant_min}, {quant_max}]; expected one of "
                      f"{sorted((str(q.storage).removeprefix('torch.'), q.qmin, q.qmax) for q in QTYPES.values() if not q.is_float)}")
@@ -49,7 +52,7 @@ class _RangeFields:
 
     @property
     def qtype(self) -> str:
-        return _qtype_name(self.dtype, self.quant_min, self.quant_max)
+        return _qtype_name(self.dtype, self.quant_min, self.quant_max, self.symmetric)
 
     @property
     def symmetric(self) -> bool:

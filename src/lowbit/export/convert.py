@@ -20,7 +20,7 @@ from ..primitives.affine import check_finite, choose_qparams, quantize
 from ..primitives.qtypes import get_qtype
 from ..qat.fake_quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 from .annotation import (
-    DerivedQuantizationSpec, FixedQParamsQuantizationSpec, QuantizationSpec, annotation_of,
+    DerivedQuantizationSpec, QuantizationSpec, annotation_of,
 )
 from .graph_utils import (
     ADDMM, add_constant, attribute, check_graph_module, drop_unused_attributes, fold_batch_norms, set_train_mode, weight_edge,
@@ -225,7 +225,8 @@ def _rewrite_weight(model: GraphModule, edge_input: Node, consumer: Node, plan: 
 
 
 def _spec_edge_plan(model: GraphModule) -> list[tuple[Node, Node, _Quantized]]:
-    """Dynamic edges (qparams per call), fixed and derived specs (constant qparams): (producer, consumer, plan)."""
+    """Dynamic edges (qparams per call) and derived specs (qparams from other edges' observers):
+    (producer, consumer, plan)."""
     plan = []
     for consumer in list(model.graph.nodes):
         annotation = annotation_of(consumer)
@@ -237,9 +238,7 @@ def _spec_edge_plan(model: GraphModule) -> list[tuple[Node, Node, _Quantized]]:
                 plan.append((producer, consumer, _Quantized(spec.qtype, spec.block_size(rank), None, None,
                                                             symmetric=spec.symmetric)))
                 continue
-            if isinstance(spec, FixedQParamsQuantizationSpec):
-                scale, zero_point = torch.tensor(float(spec.scale)), torch.tensor(int(spec.zero_point))
-            elif isinstance(spec, DerivedQuantizationSpec):
+            if isinstance(spec, DerivedQuantizationSpec):
                 observers = [model.get_submodule(_observer_for(model, e).target) for e in spec.derived_from]
                 scale, zero_point = spec.derive_qparams_fn(observers)
             else:

@@ -62,6 +62,25 @@ class SmoothingObserver(Observer):
         return range_qparams(lo, hi, self.qtype, self.symmetric)
 
 
+class FixedQParamsObserver(Observer):
+    """The qparams of a :class:`FixedQParamsQuantizationSpec` (e.g. a sigmoid's [0, 1) range): observes nothing."""
+
+    def __init__(self, spec: FixedQParamsQuantizationSpec):
+        super().__init__(spec.qtype, spec.symmetric)
+        self.register_buffer("scale", torch.tensor(float(spec.scale)))
+        self.register_buffer("zero_point", None if self.symmetric else torch.tensor(int(spec.zero_point), dtype=get_qtype(spec.qtype).storage))
+
+    @property
+    def observed(self) -> bool:
+        return True
+
+    def observe(self, x: torch.Tensor) -> None:
+        pass
+
+    def calculate_qparams(self):
+        return self.scale, self.zero_point
+
+
 def prepare_pt2e(model: GraphModule, quantizer: Quantizer) -> GraphModule:
     """Annotate ``model`` (from ``torch.export.export(m, args).module()``) with ``quantizer`` and insert
     observers; calibrate by calling the result, then :func:`convert_pt2e`.
@@ -140,6 +159,8 @@ class _Inserter:
             for producer, spec in annotation.input_qspec_map.items():
                 if isinstance(spec, QuantizationSpec):
                     self._edge(producer, node, spec, annotation.allow_implicit_sharing)
+                elif isinstance(spec, FixedQParamsQuantizationSpec):
+                    self.edge_nodes[(producer, node)] = self._call(producer, FixedQParamsObserver(spec), node)
         for node in annotated:  # in graph order: a shared output refers to an input edge, maybe of an earlier output
             annotation = annotation_of(node)
             for producer, spec in annotation.input_qspec_map.items():
@@ -153,6 +174,8 @@ class _Inserter:
                 self._output(node, self._module_of(output.edge_or_node))
             elif isinstance(output, QuantizationSpec):
                 self._output(node, self._make(output, node, None))
+            elif isinstance(output, FixedQParamsQuantizationSpec):
+                self._output(node, FixedQParamsObserver(output))
 
     def _output(self, node: Node, module: nn.Module) -> None:
         """Observe ``node``'s output for all its users; edges deferred to it read that observer."""
@@ -226,7 +249,8 @@ class _Inserter:
 
 def _has_output_spec(node: Node) -> bool:
     annotation = annotation_of(node)
-    return annotation is not None and isinstance(annotation.output_qspec, (QuantizationSpec, SharedQuantizationSpec))
+    return annotation is not None and isinstance(annotation.output_qspec, (QuantizationSpec, SharedQuantizationSpec,
+                                                                           FixedQParamsQuantizationSpec))
 
 
 def _maker_key(maker):
