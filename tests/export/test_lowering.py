@@ -209,14 +209,15 @@ def test_compiled_converted_graph_is_lowered(pattern, make, args, freezing):
     assert torch.equal(out, lowered(*args))
 
 
+@pytest.mark.parametrize("freezing", [False, True])
 @pytest.mark.parametrize("pattern, make, args", cases(), ids=[c[0] for c in cases()])
-def test_autocast_bf16_runs_int8_mixed_bf16(pattern, make, args):
+def test_autocast_bf16_runs_int8_mixed_bf16(pattern, make, args, freezing):
     gm = converted(make(), *args)
     lowering.lower(gm)
     expected = gm(args[0].bfloat16(), *args[1:])  # the kernels return bf16 for bf16 input
     with torch.autocast("cpu", torch.bfloat16):
         out = gm(*args)
-        out_compiled = run_compiled(gm, True, *args)
+        out_compiled = run_compiled(gm, freezing, *args)
     assert out.dtype == out_compiled.dtype == torch.bfloat16
     assert torch.equal(out, expected) and torch.equal(out_compiled, expected)
 

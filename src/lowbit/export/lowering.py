@@ -170,8 +170,8 @@ def _replace(graph: Graph, last: Node, target, args: tuple, dead: tuple[Node, ..
         fused = graph.call_function(target, args)
     fused.meta.update({k: v for k, v in last.meta.items() if k in ("val", "example_value", "stack_trace", "nn_module_stack")})
     last.replace_all_uses_with(fused)
-    for node in (last,) + dead:
-        if not node.users and node.graph is graph:
+    for node in dict.fromkeys((last,) + dead):  # users before what they use
+        if not node.users:
             graph.erase_node(node)
 
 
@@ -233,9 +233,7 @@ def _lower_conv(graph: Graph, conv: Node) -> Optional[str]:
 def lower_graph(graph: Graph) -> dict[str, int]:
     """Rewrite ``graph`` in place (see the module docstring); returns the number of replacements per pattern."""
     found: Counter[str] = Counter()
-    for node in list(graph.nodes):
-        if node.graph is not graph:  # erased as part of an earlier pattern
-            continue
+    for node in list(graph.nodes):  # a pattern erases only nodes before it and post-ops, never a linear or conv after it
         name = None
         if _is(node, aten.linear.default):
             name = _lower_linear(graph, node)
