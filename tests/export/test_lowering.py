@@ -277,7 +277,10 @@ def test_patterns_without_an_int8_kernel_stay_in_float():
     x = torch.randn(8, 64)
     gm = converted(AsymmetricWeight(smooth=False), x)
     before = [n.target for n in gm.graph.nodes]
-    assert lowering.lower(gm) == {}
+    counters.clear()
+    with pytest.warns(UserWarning, match="1 quantized linear/conv nodes .* run as dequantize \\+ float op"):
+        assert lowering.lower(gm) == {}
+    assert counters["lowbit"] == {"not_lowered": 1}
     assert [n.target for n in gm.graph.nodes] == before and {QUANTIZE, DEQUANTIZE} <= targets(gm)
 
 

@@ -12,7 +12,8 @@ matmul / bmm of two quantized inputs) stay as they are: the Q/DQ graph computes 
 
 Importing this module registers :data:`LOWERING_PASS` as Inductor's ``pre_grad_custom_pass`` (after any pass
 already set), so ``torch.compile(converted)`` lowers with ``torch._inductor.config.freezing`` on or off; each
-replacement is counted in ``torch._dynamo.utils.counters["lowbit"]`` by pattern name (when the pass runs: a
+replacement is counted in ``torch._dynamo.utils.counters["lowbit"]`` by pattern name, and quantized linear / conv
+nodes left as they are under ``"not_lowered"``, with a warning (when the pass runs: a
 compilation served from Inductor's FX graph cache reuses lowered code without counting). Importing this module
 imports Inductor's config (about 1.5 s once per process).
 """
@@ -20,6 +21,7 @@ imports Inductor's config (about 1.5 s once per process).
 from __future__ import annotations
 
 import operator
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -242,6 +244,12 @@ def lower_graph(graph: Graph) -> dict[str, int]:
         if name is not None:
             found[name] += 1
             counters["lowbit"][name] += 1
+    left = [n for n in graph.nodes if _is(n, aten.linear.default, *_CONVS) and any(_is(a, DEQUANTIZE) for a in n.args[:2])]
+    if left:
+        counters["lowbit"]["not_lowered"] += len(left)
+        warnings.warn(f"{len(left)} quantized linear/conv nodes ({', '.join(n.name for n in left[:5])}"
+                      f"{', ...' if len(left) > 5 else ''}) have no fused lowbit kernel (lowering takes int8 activations "
+                      f"and symmetric int8 weights): they run as dequantize + float op", stacklevel=2)
     return dict(found)
 
 
