@@ -102,3 +102,29 @@ def test_int8_mixed_bf16_graph_dequantizes_to_the_tensor_dtype():
     dtypes = {n.args[-1] for n in graph.graph.nodes if n.target is DEQUANTIZE}
     assert dtypes == {torch.bfloat16}
     assert graph(data[0]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("freezing", [False, True])
+def test_compiled_converted_graph_runs_the_fused_kernels(freezing):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=freezing, fx_graph_cache=False):  # a cached compile would not run the pass
+        _check_compiled_lowering()
+
+
+def _check_compiled_lowering():
+    from torch._dynamo.utils import counters
+
+    model, data = mlp(), outlier_inputs()
+    graph = quantized_graph(model, lowbit.StaticInt8(), data)
+    torch._dynamo.reset()
+    counters["lowbit"].clear()
+    compiled = torch.compile(graph)
+    x = data[0][:9]
+    with torch.no_grad():
+        out = compiled(x)
+    assert sum(counters["lowbit"].values()) == 3  # every quantized linear, none left to the float path
+    # the fused kernel rounds its int32 accumulation to float once: a few float32 ulps of the Q/DQ graph's sums
+    torch.testing.assert_close(out, graph(x), rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        assert compiled(x).dtype == torch.bfloat16

@@ -22,8 +22,10 @@ from .annotation import (
     Quantizer,
     SharedQuantizationSpec,
 )
+from . import lowering  # registers the Inductor pass: torch.compile(converted) runs lowbit's fused int8 kernels
 from .convert import convert_pt2e
 from .graph_utils import set_train_mode
+from .lowering import lower
 from .prepare import SmoothingObserver, prepare_pt2e, prepare_qat_pt2e
 from .x86_quantizer import X86Quantizer
 
@@ -50,6 +52,8 @@ __all__ = [
     "SmoothingObserver",
     "X86Quantizer",
     "convert_pt2e",
+    "lower",
+    "lowering",
     "move_exported_model_to_eval",
     "move_exported_model_to_train",
     "prepare_pt2e",
