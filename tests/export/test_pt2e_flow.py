@@ -104,19 +104,21 @@ def test_int8_mixed_bf16_graph_dequantizes_to_the_tensor_dtype():
     assert graph(data[0]).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("freezing", [False, True])
-def test_compiled_converted_graph_runs_the_fused_kernels(freezing):
+@pytest.mark.parametrize("config, freezing", [(lowbit.StaticInt8(), False), (lowbit.StaticInt8(), True),
+                                              (lowbit.Int8DynamicActivation(), False)],
+                         ids=["static", "static-freezing", "dynamic"])
+def test_compiled_converted_graph_runs_the_fused_kernels(config, freezing):
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(freezing=freezing, fx_graph_cache=False):  # a cached compile would not run the pass
-        _check_compiled_lowering()
+        _check_compiled_lowering(config)
 
 
-def _check_compiled_lowering():
+def _check_compiled_lowering(config):
     from torch._dynamo.utils import counters
 
     model, data = mlp(), outlier_inputs()
-    graph = quantized_graph(model, lowbit.StaticInt8(), data)
+    graph = quantized_graph(model, config, data)
     torch._dynamo.reset()
     counters["lowbit"].clear()
     compiled = torch.compile(graph)
