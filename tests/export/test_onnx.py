@@ -219,6 +219,16 @@ class Int4Activations(torch.nn.Module):
         return torch.ops.lowbit.quantize_affine(x, torch.tensor(0.1), None, [-1, -1], "int4")
 
 
+class Float8Weight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight_q", torch.randn(16, 64).to(torch.float8_e4m3fn))
+
+    def forward(self, x):
+        weight = lowbit_ops.dequantize_affine(self.weight_q, torch.tensor(0.1), None, [-1, -1], torch.float32)
+        return F.linear(x, weight)
+
+
 def lowered_graph():
     """A graph holding a fused kernel, as lowering leaves it."""
     graph = torch.fx.Graph()
@@ -231,6 +241,8 @@ def test_refusals_say_expected_and_received(tmp_path):
     x = torch.randn(3, 64)
     with pytest.raises(ValueError, match="quantizes to int4; ONNX export supports"):
         to_onnx(converted(Int4Activations(), x), (x,), tmp_path / "a.onnx")
+    with pytest.raises(ValueError, match="quantizes to float8_e4m3fn; ONNX export supports"):
+        to_onnx(converted(Float8Weight(), x), (x,), tmp_path / "a.onnx")
     with pytest.raises(ValueError, match="lowbit.onednn_unpack.default, a fused kernel of a lowered graph; expected"):
         to_onnx(lowered_graph(), (x,), tmp_path / "a.onnx")
     with pytest.raises(ValueError, match="needs opset >= 21 .*; received opset=18"):

@@ -85,11 +85,13 @@ def check_exportable(graph: torch.fx.Graph) -> None:
     for node in _lowbit_nodes(graph):
         value = node.args[0].meta["val"]
         if node.target is DEQUANTIZE:
-            qtype = _STORAGE_QTYPE.get(value.dtype, str(value.dtype))
+            qtype = _STORAGE_QTYPE.get(value.dtype, str(value.dtype).removeprefix("torch."))
         else:
             qtype = node.args[4] if node.target is QUANTIZE else node.args[2]
         if qtype not in EXPORTABLE_QTYPES:
-            raise ValueError(f"node {node.name} quantizes to {qtype}; ONNX export supports {list(EXPORTABLE_QTYPES)}")
+            raise ValueError(f"node {node.name} quantizes to {qtype}; ONNX export supports {list(EXPORTABLE_QTYPES)}, "
+                             f"the types of ONNX Runtime's int8 kernels (its CPU provider runs float8 QDQ as a float "
+                             f"Gemm)")
         block_size = node.args[1] if node.target is CHOOSE_QPARAMS else node.args[3]
         try:
             layout = _layout(value.shape, block_size)
