@@ -10,7 +10,8 @@ uint8 with the zero point moved by 128, and a Linear's float bias becomes ``Dequ
 scale x weight scale)`` (each output moves by at most half that scale). A Conv fuses when its output (or its
 ReLU's, with a zero point at the type's minimum) is quantized. Per-token dynamic activations and weight-only
 layers run in ONNX Runtime's MatMulNBits, which at its default accuracy level 4 quantizes its input again per
-block of 32 (session option ``session.qdq_matmulnbits_accuracy_level``). Requires the optional packages
+block of 32 (session option ``session.qdq_matmulnbits_accuracy_level``); ONNX Runtime 1.32 fuses per-token
+dynamic linears only in graphs of static shapes (with a dynamic batch it leaves them a float MatMul). Requires the optional packages
 ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install lowbit[onnx]``).
 """
 
