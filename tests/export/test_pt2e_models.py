@@ -131,3 +131,42 @@ def test_digits_cnn_folds_batch_norm_and_shares_qparams_through_pooling():
     assert fc_input.args[1].target == pool.args[0].args[1].target
     x = torch.randn(7, 1, 8, 8)
     assert _cosine(converted(x), model(x)) > 0.99
+
+
+class _Shapes(nn.Module):
+    """Partitions eager quantization never sees: an unused branch, a constant input, attention's matmul of two
+    activations, a cat of two convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.query, self.key = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 8)
+        self.register_buffer("prompt", torch.randn(3, 8))
+
+    def forward(self, image, tokens):
+        self.unused(tokens)  # traced, never read
+        features = torch.cat([self.left(image), self.right(image)], dim=1)  # (B, 8, H, W)
+        scores = torch.matmul(self.query(tokens), self.key(tokens).transpose(-1, -2))  # (B, T, T)
+        return features.mean((2, 3)), scores, self.head(self.prompt)  # head reads a constant
+
+
+def test_unused_branches_constants_matmul_and_cat_all_convert():
+    model = _Shapes().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 5, 8, generator=g)) for _ in range(3)]
+    graph = torch.export.export(model, batches[0]).module()
+    prepared = prepare_pt2e(graph, X86Quantizer().set_global(lowbit.StaticInt8(smoothing=None)))
+    for batch in batches:
+        prepared(*batch)
+    converted = convert_pt2e(prepared)
+    assert count(converted, torch.ops.aten.linear.default) == 3  # the unused projection is gone
+    matmul = next(n for n in converted.graph.nodes if n.target is torch.ops.aten.matmul.default)
+    assert all(arg.target is DEQUANTIZE for arg in matmul.args)
+    cat = next(n for n in converted.graph.nodes if n.target is torch.ops.aten.cat.default)
+    assert all(arg.target is not DEQUANTIZE for arg in cat.args[0])  # conv outputs are not quantized before cat
+    head = [n for n in converted.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
+    assert head.args[0].op == "get_attr" and head.args[1].target is DEQUANTIZE  # a constant input stays float
+    for out, ref in zip(converted(*batches[0]), model(*batches[0])):
+        assert _cosine(out.reshape(1, -1), ref.reshape(1, -1)) > 0.99

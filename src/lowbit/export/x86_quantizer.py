@@ -5,7 +5,8 @@ the same config, so eager PTQ, QAT and graphs share one description of numerics:
 
 * linear (``aten.linear``), conv1d/2d/3d: the input activation (static or dynamic, as the config says) and
   the weight (per output channel, or per group); a following ReLU, or an add (+ ReLU) of a residual, joins
-  the conv/linear's partition so lowering can fuse it;
+  the conv/linear's partition so lowering can fuse it; a constant input (a buffer) stays float, its weight
+  is still quantized;
 * matmul / bmm of two activations (attention): both inputs, static configs only;
 * embedding: the weight only, for configs that quantize embeddings (``supports_embedding``), set for them by
   module type, name or op (the global config leaves tables float, as ``quantize_``'s default filter does);
