@@ -74,8 +74,6 @@ def test_minilm_tables(quick_output):
     assert "- prepare + calibrate + convert: " in targets
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: compiled converted convs fail: lowbit::quantize_affine's fake kernel "
-                   "returns contiguous strides while the op keeps the channels-last input's (Inductor's assert_size_stride)")
 def test_cnn_tables(quick_output):
     cnn = _table(quick_output, "### digits CNN (Conv-BN-ReLU ResNet, 8x8 images), batch 1, plain calls")
     _check_speed_table(cnn)

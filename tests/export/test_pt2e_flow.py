@@ -130,3 +130,26 @@ def _check_compiled_lowering(config):
     torch.testing.assert_close(out, graph(x), rtol=1e-4, atol=1e-4)
     with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
         assert compiled(x).dtype == torch.bfloat16
+
+
+def test_compiled_cnn_lowers_convolutions_in_plain_calls_and_inference_mode():
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from lowbit.embedded import digits_cnn
+
+    model, x = digits_cnn().eval(), torch.randn(8, 1, 8, 8)
+    graph = quantized_graph(model, lowbit.StaticInt8(), [x])
+    assert not any(p.requires_grad for p in graph.parameters())  # plain calls compile an inference graph
+    with inductor_config.patch(fx_graph_cache=False):
+        for mode in (torch.enable_grad, torch.inference_mode):  # conv outputs are channels-last; frozen-free weights
+            torch._dynamo.reset()
+            counters["lowbit"].clear()
+            with mode():
+                out = torch.compile(graph)(x)
+            assert dict(counters["lowbit"]) == {"conv_static_relu": 4, "conv_static_add_relu": 2, "linear_static": 1}
+            assert _cosine(out, graph(x)) > 0.999
+
+
+def _cosine(a, b) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()

@@ -43,7 +43,8 @@ class _Quantized:
 
 
 def convert_pt2e(model: GraphModule) -> GraphModule:
-    """Turn a calibrated (or QAT-trained) prepared graph into a quantized one, in place; returns it.
+    """Turn a calibrated (or QAT-trained) prepared graph into a quantized one for inference, in place (its remaining
+    float parameters, e.g. biases, no longer require grad); returns it.
 
     Raises:
         NotCalibratedError: an observer saw no data (the graph is unchanged).
@@ -76,6 +77,8 @@ def convert_pt2e(model: GraphModule) -> GraphModule:
     model.graph.eliminate_dead_code()
     drop_unused_attributes(model)
     del model.meta[PT2E_KEY]
+    for parameter in model.parameters():  # an inference graph: compiled plain calls need no backward
+        parameter.requires_grad_(False)
     model.graph.lint()
     model.recompile()
     return model

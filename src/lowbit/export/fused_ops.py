@@ -49,10 +49,16 @@ class _Packed:
     meta: dict
 
     def serves(self, w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
-        return self.weight() is w_q and self.scale() is w_scale and self.versions == (w_q._version, w_scale._version)
+        return self.weight() is w_q and self.scale() is w_scale and self.versions == (_version(w_q), _version(w_scale))
 
     def kernel_tensors(self, w_q: torch.Tensor) -> dict:
         return {**self.tensors, **{name: w_q for name in self.weight_names}}
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place changes so far; inference tensors (frozen constants under ``torch.inference_mode``) keep no count
+    and cannot change outside inference mode."""
+    return -1 if t.is_inference() else t._version
 
 
 _PACKED: dict[tuple, _Packed] = {}  # (id(w_q), scheme, activation, groups) -> packed weight
@@ -75,7 +81,7 @@ def packed_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_block: list[int], 
     if entry is None:  # the first entry for this tensor: dropped with it
         weakref.finalize(w_q, _PACKED.pop, key, None)
     names = tuple(name for name, t in tensors.items() if t is w_q)
-    entry = _PACKED[key] = _Packed(weakref.ref(w_q), weakref.ref(w_scale), (w_q._version, w_scale._version),
+    entry = _PACKED[key] = _Packed(weakref.ref(w_q), weakref.ref(w_scale), (_version(w_q), _version(w_scale)),
                                    {n: t for n, t in tensors.items() if n not in names}, names, {**meta, "activation": activation})
     return entry.kernel_tensors(w_q), entry.meta
 

@@ -48,7 +48,8 @@ def quantize_affine(input: torch.Tensor, scale: torch.Tensor, zero_point: Option
     clamp; +/-inf saturate and NaN maps to the zero point (activations are not checked)."""
     grid = block_grid(input.shape, block_size)
     blocks = resolve_block_size(input.shape, block_size)
-    return quantize(input, _on_grid(scale, grid), _on_grid(zero_point, grid), blocks, qtype, saturate_nonfinite=True)
+    q = quantize(input, _on_grid(scale, grid), _on_grid(zero_point, grid), blocks, qtype, saturate_nonfinite=True)
+    return q.contiguous()  # what the fake states, whatever the input's layout (a conv's channels-last output)
 
 
 @quantize_affine.register_fake
@@ -62,7 +63,7 @@ def dequantize_affine(input: torch.Tensor, scale: torch.Tensor, zero_point: Opti
     """``(input - zero_point) * scale`` block-wise, in ``output_dtype``."""
     grid = block_grid(input.shape, block_size)
     blocks = resolve_block_size(input.shape, block_size)
-    return dequantize(input, _on_grid(scale, grid), _on_grid(zero_point, grid), blocks, output_dtype)
+    return dequantize(input, _on_grid(scale, grid), _on_grid(zero_point, grid), blocks, output_dtype).contiguous()
 
 
 @dequantize_affine.register_fake
