@@ -26,6 +26,7 @@ from . import lowering  # registers the Inductor pass: torch.compile(converted) 
 from .convert import convert_pt2e
 from .graph_utils import set_train_mode
 from .lowering import lower
+from .onnx import to_onnx
 from .prepare import SmoothingObserver, prepare_pt2e, prepare_qat_pt2e
 from .x86_quantizer import X86Quantizer
 
@@ -58,4 +59,5 @@ __all__ = [
     "move_exported_model_to_train",
     "prepare_pt2e",
     "prepare_qat_pt2e",
+    "to_onnx",
 ]
