@@ -4,14 +4,14 @@
 (per tensor: a scalar scale; per axis: a 1-D scale and ``axis``; blocks along one axis: ``block_size``), and
 ``choose_qparams_affine`` becomes the ReduceMin / ReduceMax arithmetic of lowbit's formula. The ops between
 stay float in the file; ONNX Runtime's graph optimizations fuse ``DequantizeLinear -> MatMul / Gemm / Conv
-(-> QuantizeLinear)`` into its int8 kernels (QGemm, QLinearConv, MatMulIntegerToFloat, ...). Two rewrites of the
-written graph give those fusions the forms they want, with the same numerics: int8 activations are stored as
-uint8 with the zero point moved by 128, and a Linear's float bias becomes ``DequantizeLinear(int32, input
-scale x weight scale)`` (each output moves by at most half that scale). A Conv fuses when its output (or its
-ReLU's, with a zero point at the type's minimum) is quantized. Per-token dynamic activations and weight-only
-layers run in ONNX Runtime's MatMulNBits, which at its default accuracy level 4 quantizes its input again per
-block of 32 (session option ``session.qdq_matmulnbits_accuracy_level``); ONNX Runtime 1.32 fuses per-token
-dynamic linears only in graphs of static shapes (with a dynamic batch it leaves them a float MatMul). Requires the optional packages
+(-> QuantizeLinear)`` into its int8 kernels (QGemm, QLinearConv, MatMulIntegerToFloat, ...). Rewrites of the
+written graph give those kernels the forms they want, with the same numerics: int8 activations are stored as
+uint8 with the zero point moved by 128; a Linear's float bias becomes ``DequantizeLinear(int32, input scale x
+weight scale)`` (each output moves by at most half that scale); a Linear on dynamically quantized input (no
+QDQ fusion takes run-time scales) becomes ``MatMulInteger`` times the two scales. A Conv fuses when its output
+(or its ReLU's, with a zero point at the type's minimum) is quantized. Weight-only layers run in ONNX
+Runtime's MatMulNBits, which at its default accuracy level 4 quantizes its input per block of 32 (session
+option ``session.qdq_matmulnbits_accuracy_level``). Requires the optional packages
 ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install lowbit[onnx]``).
 """
 
@@ -61,7 +61,7 @@ def to_onnx(converted: torch.fx.GraphModule, example_inputs: tuple, path: str | 
     check_exportable(exported.graph)
     program = torch.onnx.export(exported, dynamo=True, opset_version=opset, verbose=False,
                                 custom_translation_table=_translation_table(opset))
-    for rewrite in (_unsigned_activations, _integer_biases):
+    for rewrite in (_unsigned_activations, _integer_dynamic_matmuls, _integer_biases):
         rewrite(program.model.graph)
     program.save(os.fspath(path))
     return path
@@ -242,6 +242,62 @@ def _unsigned_activations(graph) -> None:
             if old.is_initializer() and not old.uses():
                 del graph.initializers[old.name]
         quantize.outputs[0].dtype = ir.DataType.UINT8
+
+
+def _zeros(value) -> bool:
+    """Whether ``value`` is a zero point of zeros (an initializer, or ConstantOfShape of a zero)."""
+    import numpy as np
+
+    if value is None:
+        return True
+    if value.const_value is not None:
+        return not np.any(value.const_value.numpy())
+    node = value.producer()
+    return node is not None and node.op_type == "ConstantOfShape" and not np.any(node.attributes["value"].as_tensor().numpy())
+
+
+def _integer_dynamic_matmuls(graph) -> None:
+    """Compute ``MatMul(DequantizeLinear(QuantizeLinear(x, dynamic scale)), DequantizeLinear(int8 weight))`` as
+    ``MatMulInteger(q, weight) * input scale * weight scale``, for symmetric activations quantized per tensor
+    or per row (per token) and weights per tensor or per output channel: ONNX Runtime has no QDQ fusion for
+    activation scales computed at run time. The int32 sum is exact, so only float rounding changes."""
+    import numpy as np
+    from onnxscript import ir
+
+    for matmul in list(graph):
+        if matmul.op_type != "MatMul":
+            continue
+        input_dq, weight = matmul.inputs[0].producer(), matmul.inputs[1]
+        quantize = input_dq.inputs[0].producer() if input_dq is not None and input_dq.op_type == "DequantizeLinear" else None
+        if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.inputs[1].const_value is not None \
+                or not _zeros(input_dq.inputs[2] if len(input_dq.inputs) > 2 else None):
+            continue
+        rank = len(matmul.inputs[0].shape or ())
+        if input_dq.attributes.get_int("block_size", 0) and input_dq.attributes.get_int("axis", 1) % max(rank, 1) != rank - 1:
+            continue  # blocks along another axis than the reduced one
+        transposed = weight.producer() is not None and weight.producer().op_type == "Transpose"
+        weight_dq = weight.producer().inputs[0].producer() if transposed else weight.producer()
+        if weight_dq is None or weight_dq.op_type != "DequantizeLinear" or weight_dq.inputs[0].const_value is None \
+                or weight_dq.inputs[1].const_value is None or weight_dq.attributes.get_int("block_size", 0) \
+                or not _zeros(weight_dq.inputs[2] if len(weight_dq.inputs) > 2 else None):
+            continue
+        values, weight_scale = weight_dq.inputs[0].const_value.numpy(), weight_dq.inputs[1].const_value.numpy()
+        output_axis = 0 if transposed else 1
+        if values.ndim != 2 or weight_scale.size > 1 and weight_dq.attributes.get_int("axis", 1) != output_axis:
+            continue
+        integer_weight = _initializer(graph, f"{weight_dq.inputs[0].name}_kn", values.T.copy() if transposed else values)
+        column_scale = _initializer(graph, f"{weight_dq.inputs[1].name}_columns", weight_scale.reshape(-1))
+        product = ir.node("MatMulInteger", [quantize.outputs[0], integer_weight])
+        as_float = ir.node("Cast", [product.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+        row_scaled = ir.node("Mul", [as_float.outputs[0], input_dq.inputs[1]])
+        scaled = ir.node("Mul", [row_scaled.outputs[0], column_scale])
+        graph.insert_before(matmul, [product, as_float, row_scaled, scaled])
+        output = matmul.outputs[0]
+        output.replace_all_uses_with(scaled.outputs[0])
+        for node in (matmul, input_dq, weight.producer() if transposed else None, weight_dq):
+            if node is not None and not any(value.uses() for value in node.outputs):
+                graph.remove(node, safe=True)
+        scaled.outputs[0].name, scaled.outputs[0].shape, scaled.outputs[0].dtype = output.name, output.shape, output.dtype
 
 
 def _integer_biases(graph) -> None:
