@@ -194,7 +194,9 @@ def _translation_table(opset: int) -> dict:
         storage = ir.DataType.INT8 if qt.storage == torch.int8 else ir.DataType.UINT8
         axes = [d for d, block in enumerate(block_size) if block != 1]
         axes = op.Constant(value=ir.tensor(np.asarray(axes, dtype=np.int64)))
-        const = lambda value: op.Constant(value=ir.tensor(np.asarray(value, dtype=np.float32)))  # noqa: E731
+        def const(value: float):
+            return op.Constant(value=ir.tensor(np.asarray(value, dtype=np.float32)))
+
         finite = op.Where(op.Or(op.IsNaN(input), op.IsInf(input)), const(0.0), input)
         low, high = op.ReduceMin(finite, axes, keepdims=1), op.ReduceMax(finite, axes, keepdims=1)
         tiny = const(torch.finfo(torch.float32).tiny)
@@ -220,7 +222,8 @@ def _initializer(graph, name: str, array):
 
 def _unsigned_activations(graph) -> None:
     """Store int8 activations as uint8 with the zero point moved by 128 (the same values, rounding and clamp):
-    ONNX Runtime 1.2x fails on int8 activations when it fuses a 3-D MatMul + Add (it prefers uint8 there)."""
+    ONNX Runtime 1.32 fails to load a model with int8 activations into a 3-D MatMul + Add when it fuses
+    them (its inserted QuantizeLinear gets a uint8 zero point)."""
     import numpy as np
     from onnxscript import ir
 
