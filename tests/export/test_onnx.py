@@ -301,3 +301,20 @@ def test_dynamic_batch(tmp_path):
     output, ops = run_onnx(path, x, tmp_path)
     assert INT8_LAYERS & set(ops) and not FLOAT_LAYERS & set(ops), ops
     assert ((output - graph(x)).abs() <= module.tolerance()).all()
+
+
+def test_static_int8_flow_cnn_runs_int8_in_onnxruntime(tmp_path):
+    """The real flow on a digits-sized CNN: every conv, the pooling and the linear run as int8 kernels (the
+    numerics of each layer kind are checked on the hand-built graphs above)."""
+    import lowbit
+    from lowbit.export import X86Quantizer, convert_pt2e, prepare_pt2e
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), X86Quantizer().set_global(lowbit.StaticInt8()))
+    for _ in range(4):
+        prepared(torch.randn(4, 1, 8, 8))
+    _, ops = run_onnx(to_onnx(convert_pt2e(prepared), (x,), tmp_path / "cnn.onnx"), x, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "QGemm" in ops and not FLOAT_LAYERS & set(ops), ops
