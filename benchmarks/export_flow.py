@@ -20,7 +20,7 @@ the float parts run in bf16 (int8-mixed-bf16). Rows per model and batch:
 Columns: median ms over interleaved rounds (``lowbit.bench.timing``), the spread, speed-up vs the compiled bf16 and
 fp32 models, and accuracy: MiniLM, cosine of the mean-pooled embeddings to fp32's on held-out sentences (min / mean);
 the CNN, top-1 on the digits test split. ``--modes``: ``grad`` times plain ``model(*x)`` calls, as users call models
-(parameters require grad, so Inductor compiles a training graph and freezing does not apply), ``inference`` under
+(grad mode on: Inductor does not freeze; the float models compile training graphs), ``inference`` under
 ``torch.inference_mode()``. Compiled models use ``dynamic=False`` (one static graph per batch size). Costs: seconds of
 export, of prepare + calibrate + convert and of each compiled model's first call (compilation; Inductor's caches are
 off so it is real), and the patterns lowering replaced in that compilation (a silent fallback shows as none).
@@ -473,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, {args.threads} threads"
           f"{' (--quick)' if args.quick else ''}\n")
     if "grad" in modes:
-        print("Plain calls: the parameters require grad, so Inductor compiles training graphs, where freezing does not "
-              "apply (the rows marked freezing compile as without it there).\n")
+        print("Plain calls: Inductor freezes only with grad mode off, so the rows marked freezing compile as without it "
+              "there; the float models' parameters require grad (training graphs), lowbit's converted graphs hold none.\n")
     if settings.torchao:
         print("torchao's flow: the exported graph is dead-code-eliminated by hand before prepare_pt2e (as documented it "
               "raises IndexError on MiniLM's unused pooler); compiled with Inductor freezing (its rows only).\n")

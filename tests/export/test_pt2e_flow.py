@@ -153,3 +153,22 @@ def test_compiled_cnn_lowers_convolutions_in_plain_calls_and_inference_mode():
 
 def _cosine(a, b) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_lowering_survives_a_library_that_sets_the_pre_grad_pass_later():
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    seen = []
+    graph = quantized_graph(mlp(), lowbit.StaticInt8(), outlier_inputs())
+    with inductor_config.patch(fx_graph_cache=False):
+        inductor_config.pre_grad_custom_pass = seen.append  # as torchao's x86 quantizer does on import
+        try:
+            torch._dynamo.reset()
+            counters["lowbit"].clear()
+            with torch.no_grad():
+                torch.compile(graph)(torch.randn(3, 16))
+        finally:
+            inductor_config.pre_grad_custom_pass = None
+            lowbit.export.lowering.register()
+    assert len(seen) == 1 and sum(counters["lowbit"].values()) == 3  # both passes ran

@@ -34,7 +34,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..tensors.base import code_fingerprint
 from .fused_ops import QCONV_STATIC, QLINEAR_DYNAMIC, QLINEAR_STATIC
-from .qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
+from .qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, TRACING_HOOKS
 
 aten = torch.ops.aten
 _CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
@@ -285,10 +285,13 @@ LOWERING_PASS = LoweringPass()
 
 
 def register() -> None:
-    """Set :data:`LOWERING_PASS` as Inductor's ``pre_grad_custom_pass``, after any pass already set (once)."""
+    """Set :data:`LOWERING_PASS` as Inductor's ``pre_grad_custom_pass``, after any pass already set (once). It runs
+    again whenever a compilation traces a Q/DQ op: a library that sets the slot later (torchao's x86 quantizer does
+    so on import) keeps its pass and lowbit's."""
     current = get_custom_graph_passes(inductor_config.pre_grad_custom_pass)
     if not any(isinstance(p, LoweringPass) for p in current):
         inductor_config.pre_grad_custom_pass = current + (LOWERING_PASS,) if current else LOWERING_PASS
 
 
 register()
+TRACING_HOOKS.append(register)

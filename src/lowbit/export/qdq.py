@@ -37,6 +37,15 @@ def block_grid(shape: Sequence[int], block_size: Sequence[int]) -> tuple[int, ..
     return tuple(size // block for size, block in zip(shape, resolve_block_size(shape, block_size)))
 
 
+TRACING_HOOKS: list = []  # called when a compilation traces a Q/DQ op (lowering keeps its Inductor pass set)
+
+
+def _traced() -> None:
+    if torch.compiler.is_compiling():
+        for hook in TRACING_HOOKS:
+            hook()
+
+
 def _on_grid(param: Optional[torch.Tensor], grid: tuple[int, ...]) -> Optional[torch.Tensor]:
     return None if param is None else param.reshape(grid)
 
@@ -54,6 +63,7 @@ def quantize_affine(input: torch.Tensor, scale: torch.Tensor, zero_point: Option
 
 @quantize_affine.register_fake
 def _(input, scale, zero_point, block_size, qtype):
+    _traced()
     return input.new_empty(input.shape, dtype=get_qtype(qtype).storage)
 
 
@@ -68,6 +78,7 @@ def dequantize_affine(input: torch.Tensor, scale: torch.Tensor, zero_point: Opti
 
 @dequantize_affine.register_fake
 def _(input, scale, zero_point, block_size, output_dtype):
+    _traced()
     return input.new_empty(input.shape, dtype=output_dtype)
 
 
