@@ -40,6 +40,7 @@ class _Quantized:
     values: torch.Tensor | None = None  # quantized weight
     smooth: torch.Tensor | None = None  # SmoothQuant divisor of the activation
     symmetric: bool = True
+    node: Node | None = None  # a weight's dequantize node, once written (consumers of a shared weight reuse it)
 
 
 def convert_pt2e(model: GraphModule) -> GraphModule:
@@ -214,7 +215,7 @@ def _rewrite_activation(model: GraphModule, node: Node, plan: _Quantized) -> Non
 def _rewrite_weight(model: GraphModule, edge_input: Node, consumer: Node, plan: _Quantized) -> None:
     weight_node = edge_input.args[0] if edge_input.op == "call_module" else edge_input
     dtype = attribute(model, weight_node.target).dtype
-    cached = getattr(plan, "node", None)
+    cached = plan.node
     if cached is None:
         graph = model.graph
         values = add_constant(model, f"{weight_node.target}_q", plan.values, consumer)

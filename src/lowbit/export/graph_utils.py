@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch.fx import GraphModule, Node
+
+from ..bn_folding import bn_factor, folded_bias, scale_output_channels
 
 aten = torch.ops.aten
 CONV_TARGETS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
@@ -48,7 +52,7 @@ def add_constant(model: GraphModule, name: str, value: torch.Tensor, before: Nod
 
 def fold_batch_norms(model: GraphModule) -> int:
     """Fold each eval-mode ``batch_norm`` whose input is a conv used only by it into the conv's weight and bias
-    (W * gamma / sigma per output channel, (b - mean) * gamma / sigma + beta), as :func:`lowbit.fuse` does.
+    with :func:`lowbit.fuse`'s arithmetic (:mod:`lowbit.bn_folding`).
     Returns the number folded."""
     folded = 0
     for bn in [n for n in model.graph.nodes if n.target is BATCH_NORM]:
@@ -59,13 +63,14 @@ def fold_batch_norms(model: GraphModule) -> int:
         w = attribute(model, conv.args[1].target)
         conv_bias = conv.args[2] if len(conv.args) > 2 else None
         mean_v, var_v = attribute(model, mean.target), attribute(model, var.target)
-        gamma = attribute(model, weight.target) if weight is not None else torch.ones_like(mean_v)
-        beta = attribute(model, bias.target) if bias is not None else torch.zeros_like(mean_v)
-        b = attribute(model, conv_bias.target) if conv_bias is not None else torch.zeros_like(mean_v)
+        norm = SimpleNamespace(  # what lowbit.fuse's BatchNorm arithmetic reads of a module
+            affine=True, eps=eps, running_mean=mean_v, running_var=var_v,
+            weight=attribute(model, weight.target) if weight is not None else torch.ones_like(mean_v),
+            bias=attribute(model, bias.target) if bias is not None else torch.zeros_like(mean_v))
         with torch.no_grad():
-            factor = gamma / torch.sqrt(var_v + eps)
-            new_w = w * factor.view(-1, *([1] * (w.dim() - 1)))
-            new_b = (b - mean_v) * factor + beta
+            factor = bn_factor(norm)
+            new_w = scale_output_channels(w, factor)
+            new_b = folded_bias(None if conv_bias is None else attribute(model, conv_bias.target), norm, factor)
         args = list(conv.args) + [None] * (3 - len(conv.args))
         args[1] = add_constant(model, f"{conv.args[1].target}_folded", new_w.detach(), conv)
         args[2] = add_constant(model, f"{conv.args[1].target}_folded_bias", new_b.detach(), conv)

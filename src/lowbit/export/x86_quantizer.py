@@ -20,6 +20,7 @@ leaves the matching nodes float.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +169,7 @@ class X86Quantizer(Quantizer):
             elif node.target in MATMUL_OPS:
                 act = activation_qspec(config)
                 if act is not None and not act.is_dynamic and all(_is_activation(a) for a in node.args[:2]):
-                    plain = QuantizationSpec(act.dtype, act.observer_or_fake_quant_ctr, act.quant_min, act.quant_max, act.qscheme)
+                    plain = replace(act, smoothing=None)
                     annotate(node, {node.args[0]: plain, node.args[1]: plain})
         for node in reversed(nodes):  # consumers first, so chains of pooling/flatten share along
             if node.target in SHARING_OPS and not is_annotated(node):
@@ -177,19 +178,17 @@ class X86Quantizer(Quantizer):
 
     def _annotate_weighted(self, model: GraphModule, node: Node, config: QuantConfig) -> None:
         x, weight = weight_edge(node)
-        w_spec = weight_qspec(config)
-        if node.target is ADDMM:  # per output channel = per column of the stored (in, out) weight
-            if w_spec.group_size is not None or not (_is_weight(weight) and attribute(model, weight.target).dim() == 2):
-                return  # groups run along the stored weight's rows: not a layout the graph ops express here
-            w_spec = QuantizationSpec(w_spec.dtype, quant_min=w_spec.quant_min, quant_max=w_spec.quant_max,
-                                      qscheme=w_spec.qscheme, ch_axis=1 if w_spec.ch_axis is not None else None)
         if not _is_weight(weight) or (node.target in CONV_OPS and not config.supports_conv):
             return  # a computed weight stays float
-        config.check_weight(attribute(model, weight.target).t() if node.target is ADDMM else attribute(model, weight.target),
-                            weight.target)
+        w_spec, value = weight_qspec(config), attribute(model, weight.target)
+        if node.target is ADDMM:  # per output channel = per column of the stored (in, out) weight
+            if w_spec.group_size is not None or value.dim() != 2:
+                return  # groups run along the stored weight's rows: not a layout the graph ops express here
+            w_spec, value = replace(w_spec, ch_axis=1 if w_spec.ch_axis is not None else None), value.t()
+        config.check_weight(value, weight.target)
         act = activation_qspec(config)
-        if act is not None and node.target in CONV_OPS and act.smoothing is not None:
-            act = QuantizationSpec(act.dtype, act.observer_or_fake_quant_ctr, act.quant_min, act.quant_max, act.qscheme)
+        if act is not None and node.target in CONV_OPS:  # SmoothQuant is for linear layers
+            act = replace(act, smoothing=None)
         inputs = {weight: w_spec}
         if act is not None and _is_activation(x):
             inputs[x] = act
@@ -220,7 +219,7 @@ class X86Quantizer(Quantizer):
         inputs = node.args[0] if node.target is aten.cat.default else [node.args[0]]
         if not all(_is_activation(a) for a in inputs):
             return
-        plain = QuantizationSpec(spec.dtype, spec.observer_or_fake_quant_ctr, spec.quant_min, spec.quant_max, spec.qscheme)
+        plain = replace(spec, smoothing=None)
         first = (inputs[0], node)
         specs = {inputs[0]: plain, **{a: SharedQuantizationSpec(first) for a in inputs[1:]}}
         annotate(node, specs, output=SharedQuantizationSpec(first))
