@@ -19,6 +19,10 @@ from .tensors.schemes import scheme_for
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INTX_BITS = (2, 3, 4, 5, 6, 7)
 FLOAT8_GRANULARITIES = ("per_row", "per_tensor")
+INTEGER_WEIGHT_ALGORITHMS = ("rtn", "hqq", "gptq", "awq")  # hqq fits integer grids only
+FLOAT8_WEIGHT_ALGORITHMS = ("rtn", "gptq", "awq")
+ACTIVATION_ALGORITHMS = ("rtn", "gptq", "smoothquant")  # configs that quantize activations
+DEFAULT_SMOOTHING = 0.5  # SmoothQuant's alpha for dynamic activations (the paper's default)
 
 
 class QuantConfig:
@@ -80,6 +84,28 @@ def _check_group_size(config, allowed=None) -> None:
         raise ValueError(f"{type(config).__name__} group_size must be one of {allowed}; received {group}")
 
 
+def _check_algorithm(config, allowed: tuple[str, ...]) -> None:
+    if not isinstance(config.algorithm, str) or config.algorithm not in allowed:
+        raise ValueError(f"{type(config).__name__} algorithm must be one of {allowed}; received {config.algorithm!r}")
+
+
+def _check_smoothing(config, default: float | None) -> None:
+    """``smoothing`` is SmoothQuant's alpha in [0, 1]; set to another value than its default, it needs
+    ``algorithm="smoothquant"`` (an option that would change nothing is refused)."""
+    alpha = config.smoothing
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+        raise ValueError(f"{type(config).__name__} smoothing must be a number in [0, 1]; received {alpha!r}")
+    if config.algorithm != "smoothquant" and alpha != default:
+        raise ValueError(f"{type(config).__name__} smoothing is SmoothQuant's strength: it needs algorithm='smoothquant'; "
+                         f"received algorithm={config.algorithm!r}, smoothing={alpha!r}")
+    if config.algorithm == "smoothquant" and alpha is None:
+        raise ValueError(f"{type(config).__name__}(algorithm='smoothquant') needs a smoothing strength in [0, 1]; received None")
+
+
+def _smoothing(config) -> float | None:
+    return float(config.smoothing) if config.algorithm == "smoothquant" else None
+
+
 def _check_types(config, bools: tuple[str, ...] = (), strs: tuple[str, ...] = ("kernel",)) -> None:
     """Fields that must be a bool or a str (an int where a bool belongs is refused, as a bool where an int does)."""
     for names, kind, what in ((bools, bool, "True or False"), (strs, str, "a str")):
@@ -100,15 +126,17 @@ class Int8WeightOnly(QuantConfig):
 
     group_size: int | None = None
     kernel: str = "auto"
+    algorithm: str = "rtn"
     supports_embedding = True
     supports_conv = True
 
     def __post_init__(self):
         _check_types(self)
         _check_group_size(self)
+        _check_algorithm(self, INTEGER_WEIGHT_ALGORITHMS)
 
     def spec(self):
-        return QuantSpec(weight_spec("int8", "int8", self.group_size))
+        return QuantSpec(weight_spec("int8", "int8", self.group_size, algorithm=self.algorithm))
 
 
 @dataclass(frozen=True)
@@ -118,14 +146,16 @@ class Int4WeightOnly(QuantConfig):
     group_size: int = 128
     symmetric: bool = False
     kernel: str = "auto"
+    algorithm: str = "rtn"
     supports_embedding = True
 
     def __post_init__(self):
         _check_types(self, bools=("symmetric",))
         _check_group_size(self, INT4_GROUP_SIZES)
+        _check_algorithm(self, INTEGER_WEIGHT_ALGORITHMS)
 
     def spec(self):
-        return QuantSpec(weight_spec("int4", "int4" if self.symmetric else "uint4", self.group_size))
+        return QuantSpec(weight_spec("int4", "int4" if self.symmetric else "uint4", self.group_size, algorithm=self.algorithm))
 
 
 @dataclass(frozen=True)
@@ -144,6 +174,7 @@ class IntxWeightOnly(QuantConfig):
     group_size: int = 32
     symmetric: bool = False
     kernel: str = "auto"
+    algorithm: str = "rtn"
     supports_embedding = True
     supports_conv = True
 
@@ -152,9 +183,11 @@ class IntxWeightOnly(QuantConfig):
         if isinstance(self.bits, bool) or self.bits not in INTX_BITS:
             raise ValueError(f"IntxWeightOnly bits must be one of {INTX_BITS}; received {self.bits!r}")
         _check_group_size(self, INT4_GROUP_SIZES)
+        _check_algorithm(self, INTEGER_WEIGHT_ALGORITHMS)
 
     def spec(self):
-        return QuantSpec(weight_spec("intx", integer_qtype(self.bits, signed=self.symmetric), self.group_size))
+        qtype = integer_qtype(self.bits, signed=self.symmetric)
+        return QuantSpec(weight_spec("intx", qtype, self.group_size, algorithm=self.algorithm))
 
 
 @dataclass(frozen=True)
@@ -168,14 +201,18 @@ class Int8DynamicActivation(QuantConfig):
     act_symmetric: bool = False
     group_size: int | None = None
     kernel: str = "auto"
+    algorithm: str = "rtn"
+    smoothing: float = DEFAULT_SMOOTHING
 
     def __post_init__(self):
         _check_types(self, bools=("act_symmetric",))
         _check_group_size(self)
+        _check_algorithm(self, ACTIVATION_ALGORITHMS)
+        _check_smoothing(self, DEFAULT_SMOOTHING)
 
     def spec(self):
-        activation = ActivationSpec("dynamic", "int8", "per_token", self.act_symmetric)
-        return QuantSpec(weight_spec("int8", "int8", self.group_size), activation)
+        activation = ActivationSpec("dynamic", "int8", "per_token", self.act_symmetric, smoothing=_smoothing(self))
+        return QuantSpec(weight_spec("int8", "int8", self.group_size, algorithm=self.algorithm), activation)
 
 
 @dataclass(frozen=True)
@@ -184,15 +221,17 @@ class Float8WeightOnly(QuantConfig):
 
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     kernel: str = "auto"
+    algorithm: str = "rtn"
     supports_conv = True
     supports_embedding = True
 
     def __post_init__(self):
         _check_types(self)
         float8_qtype(self.float8_dtype)
+        _check_algorithm(self, FLOAT8_WEIGHT_ALGORITHMS)
 
     def spec(self):
-        return QuantSpec(weight_spec("float8", float8_qtype(self.float8_dtype).name))
+        return QuantSpec(weight_spec("float8", float8_qtype(self.float8_dtype).name, algorithm=self.algorithm))
 
 
 @dataclass(frozen=True)
@@ -202,17 +241,21 @@ class Float8DynamicActivation(QuantConfig):
     granularity: str = "per_row"
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     kernel: str = "auto"
+    algorithm: str = "rtn"
+    smoothing: float = DEFAULT_SMOOTHING
 
     def __post_init__(self):
         _check_types(self, strs=("kernel", "granularity"))
         if self.granularity not in FLOAT8_GRANULARITIES:
             raise ValueError(f"granularity must be one of {FLOAT8_GRANULARITIES}; received {self.granularity!r}")
         float8_qtype(self.float8_dtype)
+        _check_algorithm(self, ACTIVATION_ALGORITHMS)
+        _check_smoothing(self, DEFAULT_SMOOTHING)
 
     def spec(self):
         qtype, per_row = float8_qtype(self.float8_dtype).name, self.granularity == "per_row"
-        activation = ActivationSpec("dynamic", qtype, "per_token" if per_row else "per_tensor", True)
-        return QuantSpec(weight_spec("float8", qtype, per_tensor=not per_row), activation)
+        activation = ActivationSpec("dynamic", qtype, "per_token" if per_row else "per_tensor", True, smoothing=_smoothing(self))
+        return QuantSpec(weight_spec("float8", qtype, per_tensor=not per_row, algorithm=self.algorithm), activation)
 
 
 CONFIGS = (Int8WeightOnly, Int4WeightOnly, IntxWeightOnly, Int8DynamicActivation, Float8WeightOnly, Float8DynamicActivation)
@@ -245,37 +288,50 @@ class StaticInt8(QuantConfig):
     def __post_init__(self):
         _check_types(self, bools=("act_symmetric",), strs=("kernel", "observer"))
         _check_observer(self.observer)
-        alpha = self.smoothing
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
-            raise ValueError(f"smoothing must be None or a number in [0, 1]; received {alpha!r}")
+        _check_static_smoothing(self)
 
     def spec(self):
         smoothing = None if self.smoothing is None else float(self.smoothing)
         activation = ActivationSpec("static", "int8", "per_tensor", self.act_symmetric, self.observer, smoothing)
-        return QuantSpec(weight_spec("int8", "int8"), activation)
+        return QuantSpec(weight_spec("int8", "int8", algorithm=_static_algorithm(smoothing)), activation)
 
 
 @dataclass(frozen=True)
 class StaticFloat8(QuantConfig):
-    """Static float8: per-tensor e4m3fn activation scale from calibration, per-row float8 weights."""
+    """Static float8: per-tensor e4m3fn activation scale from calibration, per-row float8 weights; ``smoothing``
+    (SmoothQuant's alpha, or None) as in :class:`StaticInt8`."""
 
     float8_dtype: torch.dtype = torch.float8_e4m3fn
     observer: str = "minmax"
     kernel: str = "auto"
+    smoothing: float | None = None
     supports_conv = True
 
     def __post_init__(self):
         _check_types(self, strs=("kernel", "observer"))
         float8_qtype(self.float8_dtype)
         _check_observer(self.observer)
+        _check_static_smoothing(self)
 
     def spec(self):
-        qtype = float8_qtype(self.float8_dtype).name
-        return QuantSpec(weight_spec("float8", qtype), ActivationSpec("static", qtype, "per_tensor", True, self.observer))
+        qtype, smoothing = float8_qtype(self.float8_dtype).name, None if self.smoothing is None else float(self.smoothing)
+        activation = ActivationSpec("static", qtype, "per_tensor", True, self.observer, smoothing)
+        return QuantSpec(weight_spec("float8", qtype, algorithm=_static_algorithm(smoothing)), activation)
 
 
 OBSERVER_NAMES = ("minmax", "moving_average", "histogram", "percentile")
 STATIC_CONFIGS = (StaticInt8, StaticFloat8)
+
+
+def _check_static_smoothing(config) -> None:
+    alpha = config.smoothing
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+        raise ValueError(f"smoothing must be None or a number in [0, 1]; received {alpha!r}")
+
+
+def _static_algorithm(smoothing: float | None) -> str:
+    """Static configs name SmoothQuant by its strength: the weight spec's algorithm follows from it."""
+    return "rtn" if smoothing is None else "smoothquant"
 
 
 def _check_observer(name: str) -> None:

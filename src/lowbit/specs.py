@@ -22,7 +22,10 @@ from .primitives.qtypes import get_qtype
 WEIGHT_GRANULARITIES = ("per_channel", "per_group", "per_tensor")
 ACTIVATION_GRANULARITIES = ("per_token", "per_tensor")
 ACTIVATION_MODES = ("dynamic", "static")
-QPARAM_METHODS = ("minmax",)  # how a weight's qparams are chosen (round to nearest of the block's range)
+# How a weight's values and qparams are chosen. rtn: round to nearest of each block's min/max range; hqq: qparams fit
+# without data (half-quadratic); gptq, awq, smoothquant: chosen from calibration data (lowbit.algorithms).
+WEIGHT_ALGORITHMS = ("rtn", "hqq", "gptq", "awq", "smoothquant")
+DATA_DRIVEN_ALGORITHMS = ("gptq", "awq", "smoothquant")
 SCALE_DTYPES = ("float32",)
 
 
@@ -63,7 +66,9 @@ class WeightSpec:
         symmetric: no zero point (signed and float qtypes) or an integer zero point (unsigned qtypes).
         scale_dtype: dtype name of the scales; its smallest normal is the scale floor.
         zero_point_dtype: dtype name of the zero points (the qtype's storage), None when symmetric.
-        qparams: how scales and zero points are chosen (``"minmax"``: the block's range, rounded to nearest).
+        algorithm: how values, scales and zero points are chosen (:data:`WEIGHT_ALGORITHMS`): ``"rtn"`` rounds
+            to nearest of each block's range, ``"hqq"`` fits the qparams without data, ``"gptq"`` / ``"awq"`` /
+            ``"smoothquant"`` use calibration data (``smoothquant`` goes with an activation spec's ``smoothing``).
 
     Example:
         >>> WeightSpec("int4", "uint4", "per_group", 32, symmetric=False).block_size((8, 64))
@@ -77,7 +82,7 @@ class WeightSpec:
     symmetric: bool = True
     scale_dtype: str = "float32"
     zero_point_dtype: str | None = None
-    qparams: str = "minmax"
+    algorithm: str = "rtn"
 
     def __post_init__(self):
         qt = get_qtype(self.qtype)
@@ -92,9 +97,16 @@ class WeightSpec:
         expected_zero = None if signed else str(qt.storage).removeprefix("torch.")
         if self.zero_point_dtype != expected_zero:
             raise ValueError(f"{qt.name} weights have zero points of dtype {expected_zero}; received {self.zero_point_dtype!r}")
-        if self.scale_dtype not in SCALE_DTYPES or self.qparams not in QPARAM_METHODS:
-            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES} and qparams one of {QPARAM_METHODS}; received "
-                             f"{self.scale_dtype!r}, {self.qparams!r}")
+        if self.scale_dtype not in SCALE_DTYPES or self.algorithm not in WEIGHT_ALGORITHMS:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES} and algorithm one of {WEIGHT_ALGORITHMS}; received "
+                             f"{self.scale_dtype!r}, {self.algorithm!r}")
+        if self.algorithm == "hqq" and qt.is_float:
+            raise ValueError(f"hqq fits integer grids; received the float qtype {qt.name}")
+
+    @property
+    def data_driven(self) -> bool:
+        """Whether the algorithm needs calibration data (``prepare`` / ``calibrate`` / ``convert``)."""
+        return self.algorithm in DATA_DRIVEN_ALGORITHMS
 
     @property
     def bits(self) -> int:
@@ -114,8 +126,9 @@ class WeightSpec:
         return per_axis_block(shape, 0)
 
 
-def weight_spec(scheme: str, qtype: str, group_size: int | None = None, per_tensor: bool = False) -> WeightSpec:
-    """A min/max weight spec with symmetry and zero-point dtype following from the qtype.
+def weight_spec(scheme: str, qtype: str, group_size: int | None = None, per_tensor: bool = False,
+                algorithm: str = "rtn") -> WeightSpec:
+    """A weight spec with symmetry and zero-point dtype following from the qtype.
 
     Example:
         >>> weight_spec("int8", "int8").granularity
@@ -125,7 +138,7 @@ def weight_spec(scheme: str, qtype: str, group_size: int | None = None, per_tens
     affine = not qt.is_float and qt.qmin == 0
     granularity = "per_tensor" if per_tensor else "per_group" if group_size is not None else "per_channel"
     zero = str(qt.storage).removeprefix("torch.") if affine else None
-    return WeightSpec(scheme, qt.name, granularity, group_size, not affine, zero_point_dtype=zero)
+    return WeightSpec(scheme, qt.name, granularity, group_size, not affine, zero_point_dtype=zero, algorithm=algorithm)
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ class ActivationSpec:
         granularity: ``"per_token"`` or ``"per_tensor"`` (static activations are per tensor).
         symmetric: no zero point, or an integer zero point (int8).
         observer: static only: the observer that picks the range (``"minmax"``, ``"histogram"``, ...).
-        smoothing: static only: the SmoothQuant strength alpha, or None.
+        smoothing: the SmoothQuant strength alpha, or None (the weight spec's algorithm is then not ``"smoothquant"``).
     """
 
     mode: str
@@ -155,8 +168,8 @@ class ActivationSpec:
         if static and (self.granularity != "per_tensor" or self.observer is None):
             raise ValueError(f"static activations are per tensor with an observer; received {self.granularity!r}, "
                              f"observer={self.observer!r}")
-        if not static and (self.observer is not None or self.smoothing is not None):
-            raise ValueError("dynamic activations have no observer or smoothing")
+        if not static and self.observer is not None:
+            raise ValueError(f"dynamic activations have no observer; received observer={self.observer!r}")
         ActivationQuant(self.qtype, self.granularity, self.symmetric)  # raises for a bad qtype, granularity or symmetry
 
     @property
@@ -174,6 +187,13 @@ class QuantSpec:
 
     weight: WeightSpec
     activation: ActivationSpec | None = None
+
+    def __post_init__(self):
+        smoothing = self.activation is not None and self.activation.smoothing is not None
+        if smoothing != (self.weight.algorithm == "smoothquant"):
+            raise ValueError(f"SmoothQuant sets the weight algorithm 'smoothquant' and the activation smoothing together; "
+                             f"received algorithm {self.weight.algorithm!r} and smoothing "
+                             f"{None if self.activation is None else self.activation.smoothing!r}")
 
 
 _SPEC_TYPES = {"weight": WeightSpec, "activation": ActivationSpec}
@@ -197,6 +217,7 @@ def spec_from_json(value) -> QuantSpec:
     Raises:
         ValueError: not such a dict, or an invalid spec.
     """
+    value = _upgraded(value)
     if not isinstance(value, dict) or set(value) != set(_SPEC_TYPES):
         raise ValueError(f"expected an object with the fields {sorted(_SPEC_TYPES)}; received {value!r}")
     parts = {}
@@ -216,6 +237,18 @@ def spec_from_json(value) -> QuantSpec:
     return QuantSpec(**parts)
 
 
+def _upgraded(value):
+    """A spec written by format 2 (its weight's ``qparams`` was always ``"minmax"``) in today's fields: the
+    algorithm was SmoothQuant where activations were smoothed, round to nearest otherwise."""
+    weight = value.get("weight") if isinstance(value, dict) else None
+    if not isinstance(weight, dict) or weight.get("qparams") != "minmax" or "algorithm" in weight:
+        return value
+    activation = value.get("activation")
+    smoothed = isinstance(activation, dict) and activation.get("smoothing") is not None
+    weight = {k: v for k, v in weight.items() if k != "qparams"} | {"algorithm": "smoothquant" if smoothed else "rtn"}
+    return {**value, "weight": weight}
+
+
 def describe_spec(spec: QuantSpec) -> str:
     """A short human-readable summary, e.g. ``"uint4 per_group(32) weights, float activations"``.
 
@@ -225,6 +258,8 @@ def describe_spec(spec: QuantSpec) -> str:
     """
     w = spec.weight
     weight = f"{w.qtype} {w.granularity}{f'({w.group_size})' if w.group_size else ''} weights"
+    if w.algorithm not in ("rtn", "smoothquant"):  # smoothing shows with the activations
+        weight += f" ({w.algorithm})"
     a = spec.activation
     if a is None:
         return f"{weight}, float activations"

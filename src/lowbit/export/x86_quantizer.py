@@ -239,4 +239,10 @@ def _check_config(config):
         raise TypeError(f"expected a lowbit config (e.g. lowbit.StaticInt8()) or None; received {type(config).__name__}")
     if config is not None and hasattr(config, "base_config"):
         raise TypeError("QATConfig is for eager models; for graphs use prepare_qat_pt2e with the base config")
+    spec = None if config is None else config.spec()
+    graph_ready = spec is None or spec.weight.algorithm == "rtn" or spec.weight.algorithm == "smoothquant" and \
+        spec.activation.mode == "static"
+    if not graph_ready:
+        raise ValueError(f"graphs quantize weights by round to nearest, with SmoothQuant for static activations; received "
+                         f"{config.label()}: run its algorithm in eager mode (lowbit.prepare / calibrate / convert) first")
     return config
