@@ -73,6 +73,11 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
             f"{config.label()} needs calibration data: lowbit.prepare(model, config); lowbit.calibrate(model, data); "
             f"lowbit.convert(model)"
         )
+    if isinstance(config, QuantConfig) and config.spec().weight.data_driven:
+        raise ValueError(
+            f"{config.label()} chooses weights from calibration data: lowbit.prepare(model, config); "
+            f"lowbit.calibrate(model, data); lowbit.convert(model)"
+        )
     handler = _HANDLERS.get(type(config))
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)

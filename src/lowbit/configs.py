@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .algorithm_options import OPTIONS, algorithm_name
 from .primitives.qtypes import QTYPES, float8_qtype
 from .specs import ActivationSpec, QuantSpec, weight_spec
 from .tensors.schemes import scheme_for
@@ -85,8 +86,12 @@ def _check_group_size(config, allowed=None) -> None:
 
 
 def _check_algorithm(config, allowed: tuple[str, ...]) -> None:
-    if not isinstance(config.algorithm, str) or config.algorithm not in allowed:
-        raise ValueError(f"{type(config).__name__} algorithm must be one of {allowed}; received {config.algorithm!r}")
+    """``algorithm`` is a name in ``allowed`` or the options object of one (:mod:`lowbit.algorithm_options`)."""
+    name = algorithm_name(config.algorithm)
+    options = OPTIONS.get(name)
+    if name not in allowed or not isinstance(config.algorithm, str) and type(config.algorithm) is not options:
+        raise ValueError(f"{type(config).__name__} algorithm must be one of {allowed} (by name, or as its options "
+                         f"object such as lowbit.GPTQ(act_order=True)); received {config.algorithm!r}")
 
 
 def _check_smoothing(config, default: float | None) -> None:
@@ -95,15 +100,15 @@ def _check_smoothing(config, default: float | None) -> None:
     alpha = config.smoothing
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
         raise ValueError(f"{type(config).__name__} smoothing must be a number in [0, 1]; received {alpha!r}")
-    if config.algorithm != "smoothquant" and alpha != default:
+    if algorithm_name(config.algorithm) != "smoothquant" and alpha != default:
         raise ValueError(f"{type(config).__name__} smoothing is SmoothQuant's strength: it needs algorithm='smoothquant'; "
                          f"received algorithm={config.algorithm!r}, smoothing={alpha!r}")
-    if config.algorithm == "smoothquant" and alpha is None:
+    if algorithm_name(config.algorithm) == "smoothquant" and alpha is None:
         raise ValueError(f"{type(config).__name__}(algorithm='smoothquant') needs a smoothing strength in [0, 1]; received None")
 
 
 def _smoothing(config) -> float | None:
-    return float(config.smoothing) if config.algorithm == "smoothquant" else None
+    return float(config.smoothing) if algorithm_name(config.algorithm) == "smoothquant" else None
 
 
 def _check_types(config, bools: tuple[str, ...] = (), strs: tuple[str, ...] = ("kernel",)) -> None:
@@ -136,7 +141,7 @@ class Int8WeightOnly(QuantConfig):
         _check_algorithm(self, INTEGER_WEIGHT_ALGORITHMS)
 
     def spec(self):
-        return QuantSpec(weight_spec("int8", "int8", self.group_size, algorithm=self.algorithm))
+        return QuantSpec(weight_spec("int8", "int8", self.group_size, algorithm=algorithm_name(self.algorithm)))
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,8 @@ class Int4WeightOnly(QuantConfig):
         _check_algorithm(self, INTEGER_WEIGHT_ALGORITHMS)
 
     def spec(self):
-        return QuantSpec(weight_spec("int4", "int4" if self.symmetric else "uint4", self.group_size, algorithm=self.algorithm))
+        qtype = "int4" if self.symmetric else "uint4"
+        return QuantSpec(weight_spec("int4", qtype, self.group_size, algorithm=algorithm_name(self.algorithm)))
 
 
 @dataclass(frozen=True)
@@ -187,7 +193,7 @@ class IntxWeightOnly(QuantConfig):
 
     def spec(self):
         qtype = integer_qtype(self.bits, signed=self.symmetric)
-        return QuantSpec(weight_spec("intx", qtype, self.group_size, algorithm=self.algorithm))
+        return QuantSpec(weight_spec("intx", qtype, self.group_size, algorithm=algorithm_name(self.algorithm)))
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,7 @@ class Int8DynamicActivation(QuantConfig):
 
     def spec(self):
         activation = ActivationSpec("dynamic", "int8", "per_token", self.act_symmetric, smoothing=_smoothing(self))
-        return QuantSpec(weight_spec("int8", "int8", self.group_size, algorithm=self.algorithm), activation)
+        return QuantSpec(weight_spec("int8", "int8", self.group_size, algorithm=algorithm_name(self.algorithm)), activation)
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,7 @@ class Float8WeightOnly(QuantConfig):
         _check_algorithm(self, FLOAT8_WEIGHT_ALGORITHMS)
 
     def spec(self):
-        return QuantSpec(weight_spec("float8", float8_qtype(self.float8_dtype).name, algorithm=self.algorithm))
+        return QuantSpec(weight_spec("float8", float8_qtype(self.float8_dtype).name, algorithm=algorithm_name(self.algorithm)))
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,7 @@ class Float8DynamicActivation(QuantConfig):
     def spec(self):
         qtype, per_row = float8_qtype(self.float8_dtype).name, self.granularity == "per_row"
         activation = ActivationSpec("dynamic", qtype, "per_token" if per_row else "per_tensor", True, smoothing=_smoothing(self))
-        return QuantSpec(weight_spec("float8", qtype, per_tensor=not per_row, algorithm=self.algorithm), activation)
+        return QuantSpec(weight_spec("float8", qtype, per_tensor=not per_row, algorithm=algorithm_name(self.algorithm)), activation)
 
 
 CONFIGS = (Int8WeightOnly, Int4WeightOnly, IntxWeightOnly, Int8DynamicActivation, Float8WeightOnly, Float8DynamicActivation)

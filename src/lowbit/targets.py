@@ -21,13 +21,18 @@ FilterFn = Callable[[nn.Module, str], bool]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OBSERVER_ATTR = "lowbit_observer"  # the activation observer lowbit.prepare attaches to each layer it prepares
 QAT_ATTR = "lowbit_qat"  # the base config QAT's prepare step records on each layer it prepares
+ALGORITHM_ATTR = "lowbit_algorithm"  # a data-driven weight algorithm's state (lowbit.algorithms.flow) until convert
 
 
 def refuse_prepared(model: nn.Module, action: str) -> None:
-    """Raise ValueError if a flow prepared modules of ``model`` and has not converted them yet: static (observers)
-    or QAT (fake quantizers)."""
+    """Raise ValueError if a flow prepared modules of ``model`` and has not converted them yet: static (observers),
+    a data-driven weight algorithm, or QAT (fake quantizers)."""
     static = [fqn or "<root>" for fqn, m in model.named_modules() if hasattr(m, OBSERVER_ATTR)]
     qat = [fqn or "<root>" for fqn, m in model.named_modules() if hasattr(m, QAT_ATTR)]
+    algorithm = [fqn or "<root>" for fqn, m in model.named_modules() if hasattr(m, ALGORITHM_ATTR)]
+    if algorithm:
+        raise ValueError(f"the model is prepared for a data-driven weight algorithm (on {algorithm[:5]}): finish with "
+                         f"lowbit.calibrate and lowbit.convert, or start from the float model, before {action}")
     if static:
         raise ValueError(f"the model is prepared for static quantization (observers on {static[:5]}): finish with "
                          f"lowbit.calibrate and lowbit.convert, or start from the float model, before {action}")

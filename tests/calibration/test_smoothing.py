@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.calibration import OBSERVERS
-from lowbit.calibration.static import SMOOTHING_ATTR, smoothing_factors
+from lowbit.algorithms.smoothquant import smoothing_factors
+from lowbit.calibration.static import SMOOTHING_ATTR
 
 
 def test_smoothing_factors_follow_the_formula():

@@ -11,12 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import NotCalibratedError
 from ..primitives.affine import choose_qparams
 from ..primitives.qtypes import get_qtype
-
-
-class NotCalibratedError(RuntimeError):
-    """An observer was asked for quantization parameters before it observed any data."""
 
 
 class Observer(nn.Module):

@@ -21,11 +21,13 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ..algorithms.flow import calibrate_algorithm, convert_algorithm, prepare_algorithm, prepared_layers
+from ..algorithms.smoothquant import smoothing_factors
 from ..configs import STATIC_CONFIGS, QuantConfig
 from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
 from ..targets import (
-    OBSERVER_ATTR, QAT_ATTR, FilterFn, conv_layout, is_conv1d, linear_weight, module_weight, select_targets, set_submodule,
+    ALGORITHM_ATTR, OBSERVER_ATTR, QAT_ATTR, FilterFn, conv_layout, is_conv1d, linear_weight, module_weight, select_targets, set_submodule,
     refuse_prepared, validate_targets,
 )
 from ..tensors.from_spec import quantize_block, with_static_activation
@@ -48,10 +50,15 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
         >>> hasattr(model[0], "lowbit_observer")
         True
     """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"prepare takes a lowbit config; received {type(config).__name__}")
     if not isinstance(config, STATIC_CONFIGS):
-        names = ", ".join(c.__name__ for c in STATIC_CONFIGS)
-        raise TypeError(f"prepare takes a static config ({names}); received {type(config).__name__}")
-    if any(hasattr(m, QAT_ATTR) for m in model.modules()):
+        if not config.spec().weight.data_driven:
+            names = ", ".join(c.__name__ for c in STATIC_CONFIGS)
+            raise TypeError(f"prepare takes a static config ({names}) or one with a data-driven algorithm (gptq, awq, "
+                            f"smoothquant); received {config.label()}: apply it with lowbit.quantize_")
+        return prepare_algorithm(model, config, filter_fn)
+    if any(hasattr(m, QAT_ATTR) or hasattr(m, ALGORITHM_ATTR) for m in model.modules()):
         refuse_prepared(model, "lowbit.prepare")
     targets = select_targets(model, filter_fn, config, "static quantization gives each layer its own activation scale")
     if not targets:
@@ -81,18 +88,6 @@ def _observe_input(module: nn.Module, args) -> None:
         return
     smoothing = getattr(module, SMOOTHING_ATTR, None)
     getattr(module, OBSERVER_ATTR)(x if smoothing is None else x / smoothing)
-
-
-def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant factors ``s_c = max|x_c|^alpha / max|W[:, c]|^(1 - alpha)`` per input channel c
-    (maxima floored at 1e-5); 1 for a channel whose activations or weights are all zero.
-
-    Example:
-        >>> smoothing_factors(torch.tensor([4.0, 0.0]), torch.tensor([1.0, 2.0]), 0.5)
-        tensor([2., 1.])
-    """
-    s = act_max.clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)
-    return torch.where((act_max > 0) & (weight_max > 0), s, torch.ones_like(s))
 
 
 def _fix_smoothing(module: nn.Module) -> None:
@@ -151,9 +146,11 @@ def calibrate(model: nn.Module, data: Iterable, max_batches: int | None = None, 
     per-channel ranges, the second runs the observers (each sees ``x / s``). A later call keeps s
     and adds its data to the observed ranges.
     """
-    prepared = _prepared(model)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive int or None; received {max_batches}")
+    if prepared_layers(model):
+        return calibrate_algorithm(model, data, max_batches, progress)
+    prepared = _prepared(model)
     unsmoothed = [m for _, m in prepared if hasattr(m, CHANNEL_OBSERVER_ATTR)]
     if unsmoothed:
         if iter(data) is data:
@@ -193,6 +190,10 @@ def convert(model: nn.Module, module_swap: bool = False) -> nn.Module:
     Raises:
         NotCalibratedError: a layer's observer saw no data; nothing is changed.
     """
+    if prepared_layers(model):
+        if module_swap:
+            raise ValueError("module_swap is for static configs; a data-driven algorithm's layers keep their modules")
+        return convert_algorithm(model)
     prepared, self_observing = _prepared(model), _calibrating(model)
     blind = [fqn for fqn, m in prepared if not getattr(m, OBSERVER_ATTR).observed]
     blind += [fqn for fqn, m in model.named_modules() if m in self_observing and not all(o.observed for o in m.observers)]

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from ..calibration.observers import MinMaxObserver, Observer, PerChannelMinMaxObserver, range_qparams
-from ..calibration.static import smoothing_factors
+from ..algorithms.smoothquant import smoothing_factors
 from ..primitives.qtypes import get_qtype
 from ..qat.fake_quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 from ..specs import ActivationSpec, weight_spec

@@ -1,0 +1,126 @@
+"""GPTQ (Frantar et al. 2022): quantize a linear weight one input column at a time, spreading each column's
+rounding error over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+The Hessian ``H = 2 X^T X / n`` is accumulated in float32 as a running mean over calibration tokens
+(:class:`HessianCollector`), so it stays O(1) in magnitude however many tokens arrive. Numerical guard: columns
+whose inputs were always zero ("dead") are zeroed in the weight and get ``H_ii = 1``; ``damping`` times the mean
+diagonal is added to the diagonal before the Cholesky factorisation, and if the factorisation still fails (an
+ill-conditioned H) the damping is raised tenfold, up to :data:`MAX_DAMPING`, before giving up with an error.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..primitives.affine import choose_qparams, dequantize, quantize
+from ..primitives.qtypes import get_qtype
+from ..specs import WeightSpec
+
+MAX_DAMPING = 1.0  # the largest fraction of the mean diagonal added to H before the Cholesky factorisation gives up
+
+
+class HessianCollector:
+    """Running ``2 X^T X / n`` of a linear layer's inputs ``X`` (tokens, K), in float32."""
+
+    def __init__(self, features: int, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (M, K)
+        x = x[torch.isfinite(x).all(-1)]  # a token with inf/NaN would poison H: it is skipped
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.tokens + m
+        self.hessian.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2.0 / total)
+        self.tokens = total
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, the damping raised until it factors."""
+    mean_diag = hessian.diagonal().mean()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    while True:
+        factor, info = torch.linalg.cholesky_ex(hessian + damping * mean_diag * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        if damping >= MAX_DAMPING:
+            raise ValueError(f"GPTQ: the input Hessian is not positive definite even with damping {damping} of its mean "
+                             f"diagonal; expected calibration inputs spanning the layer's input features")
+        damping = min(damping * 10, MAX_DAMPING)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, block_size: Sequence[int], *,
+                  damping: float = 0.01, act_order: bool = False, block_columns: int = 128):
+    """GPTQ on a linear weight (N, K): returns ``(w_hat, scale, zero_point)`` where ``w_hat`` (N, K) float32 holds
+    values on the spec's grid, ``quantize(w_hat, scale, zero_point)`` giving the integer (or float8) codes.
+
+    Group qparams follow the scheme's layout (contiguous groups of ``block_size[-1]`` input features), so the
+    result runs on the scheme's own kernels. Without ``act_order`` each group's qparams are chosen from the
+    already-updated weights when GPTQ reaches the group; with ``act_order`` (columns in order of decreasing
+    Hessian diagonal) they are chosen up front from the weight, as per-channel and per-tensor qparams always are.
+    Updates are lazy in blocks of ``block_columns`` columns (a multiple of the group size).
+
+    Example:
+        >>> from lowbit.specs import weight_spec
+        >>> x = torch.randn(256, 64)
+        >>> w_hat, scale, zp = gptq_quantize(torch.randn(8, 64), 2 * x.t() @ x / 256, weight_spec("int4", "uint4", 32), (1, 32))
+        >>> tuple(w_hat.shape), tuple(scale.shape)
+        ((8, 64), (8, 2))
+    """
+    qt = get_qtype(spec.qtype)
+    w = weight.detach().float().clone()  # (N, K)
+    n, k = w.shape
+    h = hessian.detach().float().clone().to(w.device)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    group = block_size[-1] if spec.granularity == "per_group" else k
+    lazy_groups = spec.granularity == "per_group" and not act_order
+    if lazy_groups:
+        scale = torch.empty(n, k // group, dtype=torch.float32, device=w.device)
+        zero_point = None if spec.symmetric else torch.empty(n, k // group, dtype=qt.storage, device=w.device)
+    else:
+        scale, zero_point = choose_qparams(w, block_size, qt, symmetric=spec.symmetric)
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k, device=w.device)
+    w, h = w[:, order], h[order][:, order]
+    h_inv = _inverse_hessian_factor(h, damping)  # (K, K) upper
+    columns = max(block_columns // group, 1) * group if lazy_groups else block_columns
+    w_hat = torch.empty_like(w)
+    column_scale, column_zero = _column_params(scale, zero_point, block_size, (n, k))
+    for start in range(0, k, columns):
+        end = min(start + columns, k)
+        block, errors, h_block = w[:, start:end].clone(), torch.empty(n, end - start, device=w.device), h_inv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if lazy_groups and col % group == 0:  # the group's qparams from its already-updated weights
+                g_scale, g_zero = choose_qparams(block[:, i:i + group], (1, group), qt, symmetric=spec.symmetric)
+                scale[:, col // group], column_scale[:, col:col + group] = g_scale[:, 0], g_scale
+                if zero_point is not None:
+                    zero_point[:, col // group], column_zero[:, col:col + group] = g_zero[:, 0], g_zero
+            source = order[col]
+            s = column_scale[:, col if lazy_groups else source, None]  # (N, 1)
+            z = None if column_zero is None else column_zero[:, col if lazy_groups else source, None]
+            q = dequantize(quantize(block[:, i:i + 1], s, z, (1, 1), qt), s, z, (1, 1))[:, 0]  # (N,)
+            w_hat[:, col] = q
+            err = (block[:, i] - q) / h_block[i, i]
+            block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = err
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    restored = torch.empty_like(w_hat)
+    restored[:, order] = w_hat
+    return restored, scale, zero_point
+
+
+def _column_params(scale, zero_point, block_size, shape):
+    """Per-column views of block qparams: (N, K) scale and zero point (zeros for lazily chosen groups, filled later)."""
+    n, k = shape
+    rows, cols = block_size[0] if len(block_size) == 2 else 1, block_size[-1]
+    expand = lambda p: p.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k].clone()  # noqa: E731
+    return expand(scale), None if zero_point is None else expand(zero_point)
