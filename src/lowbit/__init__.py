@@ -9,6 +9,7 @@ Example:
 from . import kernels
 from .version import __version__
 from .api import default_filter, quantize_, register_handler
+from .algorithm_options import AWQ, GPTQ
 from .calibration import NotCalibratedError, calibrate, convert, prepare
 from .fuse import fuse
 from .configs import (
@@ -57,6 +58,8 @@ __all__ = [
     "IntxWeightOnly",
     "NotCalibratedError",
     "ActivationSpec",
+    "AWQ",
+    "GPTQ",
     "QATConfig",
     "QuantConfig",
     "QuantSpec",

@@ -3,8 +3,8 @@ rounding error over the columns not yet quantized through the inverse Hessian of
 
 The Hessian ``H = 2 X^T X / n`` is accumulated in float32 as a running mean over calibration tokens
 (:class:`HessianCollector`), so it stays O(1) in magnitude however many tokens arrive. Numerical guard: columns
-whose inputs were always zero ("dead") are zeroed in the weight and get ``H_ii = 1``; ``damping`` times the mean
-diagonal is added to the diagonal before the Cholesky factorisation, and if the factorisation still fails (an
+whose inputs were always zero ("dead") are zeroed in the weight (exactly representable, so no error flows from
+them); ``damping`` times the mean diagonal is added to the diagonal before the Cholesky factorisation, and if the factorisation still fails (an
 ill-conditioned H) the damping is raised tenfold, up to :data:`MAX_DAMPING`, before giving up with an error.
 """
 
@@ -79,8 +79,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     n, k = w.shape
     h = hessian.detach().float().clone().to(w.device)
     dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[:, dead] = 0.0  # no input ever reached them: zero is exact, so their columns pass no error on
     group = block_size[-1] if spec.granularity == "per_group" else k
     lazy_groups = spec.granularity == "per_group" and not act_order
     if lazy_groups:
