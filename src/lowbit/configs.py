@@ -357,19 +357,21 @@ NAMED_CONFIGS: dict[str, QuantConfig] = {  # the command line's names, each for 
 }
 
 
-def config_from_name(name: str, group_size: int | None = None) -> QuantConfig:
-    """The config called ``name`` in :data:`NAMED_CONFIGS`, with an optional ``group_size``.
+def config_from_name(name: str, group_size: int | None = None, algorithm: str | None = None) -> QuantConfig:
+    """The config called ``name`` in :data:`NAMED_CONFIGS`, with an optional ``group_size`` and ``algorithm``.
 
     Example:
-        >>> config_from_name("int4-weight-only", group_size=32)
-        Int4WeightOnly(group_size=32, symmetric=False, kernel='auto')
+        >>> config_from_name("int4-weight-only", group_size=32, algorithm="gptq").label()
+        "Int4WeightOnly(group_size=32, algorithm='gptq')"
     """
     config = NAMED_CONFIGS.get(name)
     if config is None:
         raise ValueError(f"unknown config name {name!r}; expected one of {', '.join(NAMED_CONFIGS)}")
-    if group_size is None:
-        return config
-    if "group_size" not in {f.name for f in fields(config)}:
-        takes = ", ".join(n for n, c in NAMED_CONFIGS.items() if "group_size" in {f.name for f in fields(c)})
-        raise ValueError(f"{name} has no group size (configs with one: {takes}); received group_size={group_size}")
-    return replace(config, group_size=group_size)
+    for field, value in (("group_size", group_size), ("algorithm", algorithm)):
+        if value is None:
+            continue
+        if field not in {f.name for f in fields(config)}:
+            takes = ", ".join(n for n, c in NAMED_CONFIGS.items() if field in {f.name for f in fields(c)})
+            raise ValueError(f"{name} has no {field.replace('_', ' ')} (configs with one: {takes}); received {field}={value}")
+        config = replace(config, **{field: value})
+    return config

@@ -195,6 +195,35 @@ def test_calib_data_with_a_weight_only_config_exits_2(tiny_bert, tmp_path, capsy
     assert status == 2 and "--calib-data is for the static configs" in capsys.readouterr().err
 
 
+def test_quantize_with_a_data_driven_algorithm_calibrates_on_the_text(tiny_bert, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog.\nA second calibration line, a little longer.\n")
+    out = tmp_path / "gptq"
+    argv = ["quantize", str(tiny_bert), "--config", "int4-weight-only", "--group-size", "32", "--algorithm", "gptq",
+            "--calib-data", str(calib), "-o", str(out)]
+    assert main(argv) == 0
+    assert "Int4WeightOnly(group_size=32, algorithm='gptq')" in capsys.readouterr().out
+    model = lowbit.load_pretrained(out)
+    query = model.encoder.layer[0].attention.self.query
+    assert type(query.weight).__name__ == "Int4Tensor" and query.lowbit_spec.weight.algorithm == "gptq"
+    rtn = tmp_path / "rtn"
+    assert main(argv[:6] + ["-o", str(rtn)]) == 0  # the same without --algorithm: other weights
+    other = lowbit.load_pretrained(rtn).encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(other.dequantize(), query.weight.dequantize())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "int8-weight-only", "--algorithm", "smoothquant"], "algorithm must be one of"),
+    (["--config", "static-int8", "--algorithm", "gptq"], "static-int8 has no algorithm"),
+    (["--config", "int4-weight-only", "--algorithm", "magic"], "invalid choice: 'magic'"),
+], ids=["smoothquant-weight-only", "static", "unknown"])
+def test_quantize_refuses_an_algorithm_the_config_does_not_take(argv, message, tiny_bert, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        status = main(["quantize", str(tiny_bert), *argv, "-o", str(tmp_path / "o")])
+        raise SystemExit(status)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_config_from_name_covers_every_name_and_lists_them_on_error():
     assert {type(config) for config in NAMED_CONFIGS.values()} == set(lowbit.configs.CONFIGS + lowbit.configs.STATIC_CONFIGS)
     for name, config in NAMED_CONFIGS.items():

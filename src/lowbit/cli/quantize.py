@@ -10,6 +10,7 @@ from ..api import quantize_
 from ..bench.variants import parameter_megabytes
 from ..calibration import calibrate, convert, prepare
 from ..configs import NAMED_CONFIGS, STATIC_CONFIGS, config_from_name
+from ..specs import WEIGHT_ALGORITHMS
 from ..serialization import save
 from ..tensors import QuantizedTensor
 from .calibration_text import CALIBRATION_SENTENCES, calibration_batches, read_calibration_text
@@ -25,15 +26,19 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
         "quantize", parents=[parent], help="quantize a local transformers model directory and save it",
         description="Load a transformers model directory (the class named in its config.json), quantize every "
                     "nn.Linear with one config and save it with lowbit.save, copying the tokenizer files along. "
-                    "Static configs calibrate on the lines of --calib-data, or on standard-library sentences. "
+                    "Static configs and data-driven algorithms (gptq, awq, smoothquant) calibrate on the lines of "
+                    "--calib-data, or on standard-library sentences. "
                     "The result loads with lowbit.load_pretrained(OUT); transformers' from_pretrained refuses it.",
     )
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a directory written by save_pretrained (a float model)")
     parser.add_argument("--config", required=True, type=config_name, metavar="NAME", help=f"one of: {', '.join(NAMED_CONFIGS)}")
     parser.add_argument("--group-size", type=int_at_least(1), metavar="N", help="group size, for the configs that take one")
+    parser.add_argument("--algorithm", choices=WEIGHT_ALGORITHMS, metavar="NAME",
+                        help="how weights are chosen: rtn (round to nearest, the default), hqq (no data), gptq, awq, "
+                             "smoothquant (int8/float8 dynamic activations) from calibration text")
     parser.add_argument("--calib-data", type=Path, metavar="FILE",
-                        help=f"UTF-8 text file, one calibration sample per line (static configs; default: {CALIBRATION_SENTENCES} "
-                             "standard-library sentences)")
+                        help=f"UTF-8 text file, one calibration sample per line (static configs and data-driven algorithms; "
+                             f"default: {CALIBRATION_SENTENCES} standard-library sentences)")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output directory (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds files (they are deleted)")
     parser.set_defaults(run=run)
@@ -41,23 +46,24 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = config_from_name(args.config, args.group_size)
+        config = config_from_name(args.config, args.group_size, args.algorithm)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    static = isinstance(config, STATIC_CONFIGS)
-    if args.calib_data is not None and not static:
-        raise UsageError(f"--calib-data is for the static configs (static-int8, static-float8); received --config {args.config}")
+    calibrated = isinstance(config, STATIC_CONFIGS) or config.spec().weight.data_driven  # calibrates on text
+    if args.calib_data is not None and not calibrated:
+        raise UsageError(f"--calib-data is for the static configs (static-int8, static-float8) and the data-driven algorithms "
+                         f"(gptq, awq, smoothquant); received {config.label()}")
     check_model_dir(args.model_dir)
     check_output(args.output, args.model_dir, args.overwrite)
     tokenizer_files = [name for name in TOKENIZER_FILES if (args.model_dir / name).is_file()]
-    if static and not tokenizer_files:
+    if calibrated and not tokenizer_files:
         raise ValueError(f"{args.config} calibrates on text, but {args.model_dir} has no tokenizer (expected one of "
                          f"{', '.join(TOKENIZER_FILES[:6])}, ...); save one there or use a weight-only config")
-    text = read_calibration_text(args.calib_data) if static else None
+    text = read_calibration_text(args.calib_data) if calibrated else None
 
     model = _load_model(args.model_dir)
     before = parameter_megabytes(model)
-    if static:
+    if calibrated:
         from transformers import AutoTokenizer
 
         embeddings = model.get_input_embeddings()
