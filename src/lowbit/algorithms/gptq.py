@@ -77,7 +77,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     qt = get_qtype(spec.qtype)
     w = weight.detach().float().clone()  # (N, K)
     n, k = w.shape
-    h = hessian.detach().float().clone().to(w.device)
+    h = hessian.detach().float().to(w.device)
     dead = h.diagonal() == 0
     w[:, dead] = 0.0  # no input ever reached them: zero is exact, so their columns pass no error on
     group = block_size[-1] if spec.granularity == "per_group" else k
@@ -88,38 +88,36 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     else:
         scale, zero_point = choose_qparams(w, block_size, qt, symmetric=spec.symmetric)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k, device=w.device)
-    w, h = w[:, order], h[order][:, order]
-    h_inv = _inverse_hessian_factor(h, damping)  # (K, K) upper
+    h_inv = _inverse_hessian_factor(h[order][:, order], damping)  # (K, K) upper
+    # work on the transpose (K, N): a column of the weight is a contiguous row here
+    wt, w_hat = w.t()[order].contiguous(), torch.empty(k, n, dtype=torch.float32, device=w.device)
+    row_scale, row_zero = _column_params(scale, zero_point, block_size, (n, k))
     columns = max(block_columns // group, 1) * group if lazy_groups else block_columns
-    w_hat = torch.empty_like(w)
-    column_scale, column_zero = _column_params(scale, zero_point, block_size, (n, k))
     for start in range(0, k, columns):
         end = min(start + columns, k)
-        block, errors, h_block = w[:, start:end].clone(), torch.empty(n, end - start, device=w.device), h_inv[start:end, start:end]
+        block, errors, h_block = wt[start:end], torch.empty(end - start, n, device=w.device), h_inv[start:end, start:end]
         for i in range(end - start):
             col = start + i
             if lazy_groups and col % group == 0:  # the group's qparams from its already-updated weights
-                g_scale, g_zero = choose_qparams(block[:, i:i + group], (1, group), qt, symmetric=spec.symmetric)
-                scale[:, col // group], column_scale[:, col:col + group] = g_scale[:, 0], g_scale
+                g_scale, g_zero = choose_qparams(block[i:i + group].t(), (1, group), qt, symmetric=spec.symmetric)
+                scale[:, col // group], row_scale[col:col + group] = g_scale[:, 0], g_scale[:, 0]
                 if zero_point is not None:
-                    zero_point[:, col // group], column_zero[:, col:col + group] = g_zero[:, 0], g_zero
-            source = order[col]
-            s = column_scale[:, col if lazy_groups else source, None]  # (N, 1)
-            z = None if column_zero is None else column_zero[:, col if lazy_groups else source, None]
-            q = dequantize(quantize(block[:, i:i + 1], s, z, (1, 1), qt), s, z, (1, 1))[:, 0]  # (N,)
-            w_hat[:, col] = q
-            err = (block[:, i] - q) / h_block[i, i]
-            block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
-            errors[:, i] = err
-        w[:, end:] -= errors @ h_inv[start:end, end:]
+                    zero_point[:, col // group], row_zero[col:col + group] = g_zero[:, 0], g_zero[:, 0]
+            source = col if lazy_groups else order[col]
+            s, z = row_scale[source, None], None if row_zero is None else row_zero[source, None]  # (1, N)
+            q = dequantize(quantize(block[i, None], s, z, (1, 1), qt), s, z, (1, 1))[0]  # (N,)
+            w_hat[col] = q
+            errors[i] = (block[i] - q) / h_block[i, i]
+            block[i:].addr_(h_block[i, i:], errors[i], alpha=-1.0)  # spread the error over the block's later columns
+        wt[end:].addmm_(h_inv[start:end, end:].t(), errors, alpha=-1.0)  # and, lazily, over the columns after it
     restored = torch.empty_like(w_hat)
-    restored[:, order] = w_hat
-    return restored, scale, zero_point
+    restored[order] = w_hat
+    return restored.t().contiguous(), scale, zero_point
 
 
 def _column_params(scale, zero_point, block_size, shape):
-    """Per-column views of block qparams: (N, K) scale and zero point (zeros for lazily chosen groups, filled later)."""
+    """Block qparams per weight column, as rows (K, N) of scale and zero point (lazily chosen groups fill them later)."""
     n, k = shape
     rows, cols = block_size[0] if len(block_size) == 2 else 1, block_size[-1]
-    expand = lambda p: p.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k].clone()  # noqa: E731
+    expand = lambda p: p.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k].t().contiguous()  # noqa: E731
     return expand(scale), None if zero_point is None else expand(zero_point)
