@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class GPTQ:
-    """GPTQ's options.
+    """GPTQ's options. The defaults quantize columns in act order with clipped ranges: on all-MiniLM-L6-v2 at 3 bits
+    (group 32) they keep cos min 0.936 against 0.891 for the reference algorithm's defaults (BENCHMARKS.md).
 
     Attributes:
         damping: fraction of the input Hessian's mean diagonal added to its diagonal (raised tenfold while the
@@ -20,11 +21,14 @@ class GPTQ:
         act_order: quantize input columns in order of decreasing Hessian diagonal (group qparams are then
             chosen up front, so groups stay contiguous for the scheme's kernels).
         block_columns: columns updated lazily together (rounded to a multiple of the group size).
+        clip_steps: shrink each block's range before choosing its qparams, by the factor among ``clip_steps`` + 1
+            in [0.8, 1] that minimizes the block's ``|w - Q(w)|^2.4`` (0: the whole min/max range).
     """
 
     damping: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     block_columns: int = 128
+    clip_steps: int = 10
     name = "gptq"
 
     def __post_init__(self):
@@ -34,6 +38,8 @@ class GPTQ:
             raise ValueError(f"GPTQ act_order must be True or False; received {self.act_order!r}")
         if isinstance(self.block_columns, bool) or not isinstance(self.block_columns, int) or self.block_columns < 1:
             raise ValueError(f"GPTQ block_columns must be a positive int; received {self.block_columns!r}")
+        if isinstance(self.clip_steps, bool) or not isinstance(self.clip_steps, int) or self.clip_steps < 0:
+            raise ValueError(f"GPTQ clip_steps must be an int >= 0; received {self.clip_steps!r}")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,9 @@ def _gptq_by_hand(model, data, config):
         for x in inputs:
             h.add(x)
         w = module.weight.detach()
-        w_hat, scale, zero = gptq_quantize(w, h.hessian, spec.weight, spec.weight.block_size(w.shape))
+        options = lowbit.GPTQ()
+        w_hat, scale, zero = gptq_quantize(w, h.hessian, spec.weight, spec.weight.block_size(w.shape),
+                                           act_order=options.act_order, clip_steps=options.clip_steps)
         return quantize_weight(w_hat, spec, qparams=(scale, zero))
 
     def inputs_of(module, run):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.algorithms.gptq import HessianCollector, gptq_quantize
+from lowbit.algorithms.gptq import HessianCollector, clipped_qparams, gptq_quantize
 from lowbit.primitives.affine import dequantize, quantize
 from lowbit.primitives.fake_quantize import fake_quantize
 from lowbit.specs import weight_spec
@@ -89,3 +89,25 @@ def test_lazy_block_updates_do_not_change_the_result():
     # value sits on a rounding boundary (then the flip's error propagates to later columns)
     moved = ~torch.isclose(one, many, rtol=1e-5, atol=1e-7)
     assert moved.float().mean() < 0.01
+
+
+@pytest.mark.parametrize("qtype, symmetric", [("uint3", False), ("int4", True), ("uint2", False)])
+def test_clipped_ranges_never_raise_a_blocks_error_and_lower_it_on_heavy_tails(qtype, symmetric):
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(2.0).sample((64, 128))
+    block = (1, 32)
+    error = lambda qp: (w - dequantize(quantize(w, *qp, block, qtype), *qp, block)).abs().pow(2.4)  # noqa: E731
+    full, clipped = clipped_qparams(w, block, qtype, symmetric=symmetric, steps=0), clipped_qparams(
+        w, block, qtype, symmetric=symmetric, steps=10)
+    per_block = lambda e: e.reshape(64, 4, 32).sum(-1)  # noqa: E731
+    assert (per_block(error(clipped)) <= per_block(error(full))).all()
+    assert per_block(error(clipped)).sum() < per_block(error(full)).sum()
+    assert (clipped[0] <= full[0]).all() and (clipped[0] < full[0]).any()
+
+
+def test_clip_steps_lower_gptqs_output_error():
+    x, w = _correlated_inputs(), torch.distributions.StudentT(2.0).sample((32, 256)) * 0.05
+    spec, h = weight_spec("intx", "uint3", 32), _hessian(x)
+    error = lambda v: (x @ (w - v).t()).pow(2).mean()  # noqa: E731
+    plain, clipped = (gptq_quantize(w, h, spec, (1, 32), clip_steps=steps)[0] for steps in (0, 10))
+    assert error(clipped) < error(plain)

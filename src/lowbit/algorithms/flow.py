@@ -142,7 +142,8 @@ def quantized_layer_weight(state: LayerState, weight: torch.Tensor, name: str) -
     block_size = spec.weight.block_size(weight.shape)
     if spec.weight.algorithm == "gptq":
         w_hat, scale, zero_point = gptq_quantize(weight, collector.hessian, spec.weight, block_size, damping=options.damping,
-                                                 act_order=options.act_order, block_columns=options.block_columns)
+                                                 act_order=options.act_order, block_columns=options.block_columns,
+                                                 clip_steps=options.clip_steps)
         return quantize_weight(w_hat.to(weight.dtype), spec, kernel=config.kernel, name=name, qparams=(scale, zero_point))
     if spec.weight.algorithm == "awq":
         smooth = awq_scales(weight, collector, spec.weight, block_size, options.grid)

@@ -15,10 +15,42 @@ from typing import Sequence
 import torch
 
 from ..primitives.affine import choose_qparams, dequantize, quantize
+from ..primitives.blocks import block_dims, to_blocks
 from ..primitives.qtypes import get_qtype
 from ..specs import WeightSpec
 
 MAX_DAMPING = 1.0  # the largest fraction of the mean diagonal added to H before the Cholesky factorisation gives up
+CLIP_NORM = 2.4  # the reconstruction error's exponent when a block's range is shrunk (GPTQ's reference quantizer)
+
+
+def clipped_qparams(w: torch.Tensor, block_size: Sequence[int], qtype, *, symmetric: bool, steps: int):
+    """Per block, the min/max qparams of the block's range shrunk by the factor in ``1, 1 - 0.2/steps, ..., 0.8``
+    (``steps`` + 1 candidates) that minimizes ``sum |w - Q(w)|^2.4`` over the block; ``steps=0`` is min/max.
+
+    Example:
+        >>> w = torch.randn(4, 64)
+        >>> full, _ = clipped_qparams(w, (1, 32), "uint3", symmetric=False, steps=0)
+        >>> clipped, _ = clipped_qparams(w, (1, 32), "uint3", symmetric=False, steps=10)
+        >>> bool((clipped <= full).all())
+        True
+    """
+    best_scale, best_zero = choose_qparams(w, block_size, qtype, symmetric=symmetric)
+    if steps == 0:
+        return best_scale, best_zero
+    best_error = _block_error(w, best_scale, best_zero, block_size, qtype)
+    for step in range(1, steps + 1):
+        scale, zero = choose_qparams(w * (1 - 0.2 * step / steps), block_size, qtype, symmetric=symmetric)
+        error = _block_error(w, scale, zero, block_size, qtype)
+        better = error < best_error
+        best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
+        if best_zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _block_error(w, scale, zero, block_size, qtype) -> torch.Tensor:
+    error = (w.float() - dequantize(quantize(w, scale, zero, block_size, qtype), scale, zero, block_size)).abs()
+    return to_blocks(error.pow_(CLIP_NORM), block_size).sum(block_dims(w.dim()))
 
 
 class HessianCollector:
@@ -57,7 +89,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tens
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, block_size: Sequence[int], *,
-                  damping: float = 0.01, act_order: bool = False, block_columns: int = 128):
+                  damping: float = 0.01, act_order: bool = False, block_columns: int = 128, clip_steps: int = 0):
     """GPTQ on a linear weight (N, K): returns ``(w_hat, scale, zero_point)`` where ``w_hat`` (N, K) float32 holds
     values on the spec's grid, ``quantize(w_hat, scale, zero_point)`` giving the integer (or float8) codes.
 
@@ -65,7 +97,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     result runs on the scheme's own kernels. Without ``act_order`` each group's qparams are chosen from the
     already-updated weights when GPTQ reaches the group; with ``act_order`` (columns in order of decreasing
     Hessian diagonal) they are chosen up front from the weight, as per-channel and per-tensor qparams always are.
-    Updates are lazy in blocks of ``block_columns`` columns (a multiple of the group size).
+    Updates are lazy in blocks of ``block_columns`` columns (a multiple of the group size). ``clip_steps`` > 0
+    shrinks each block's range as :func:`clipped_qparams` does (integer qtypes).
 
     Example:
         >>> from lowbit.specs import weight_spec
@@ -86,7 +119,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
         scale = torch.empty(n, k // group, dtype=torch.float32, device=w.device)
         zero_point = None if spec.symmetric else torch.empty(n, k // group, dtype=qt.storage, device=w.device)
     else:
-        scale, zero_point = choose_qparams(w, block_size, qt, symmetric=spec.symmetric)
+        scale, zero_point = clipped_qparams(w, block_size, qt, symmetric=spec.symmetric, steps=clip_steps)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k, device=w.device)
     h_inv = _inverse_hessian_factor(h[order][:, order], damping)  # (K, K) upper
     # work on the transpose (K, N): a column of the weight is a contiguous row here
@@ -99,7 +132,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
         for i in range(end - start):
             col = start + i
             if lazy_groups and col % group == 0:  # the group's qparams from its already-updated weights
-                g_scale, g_zero = choose_qparams(block[i:i + group].t(), (1, group), qt, symmetric=spec.symmetric)
+                g_scale, g_zero = clipped_qparams(block[i:i + group].t(), (1, group), qt, symmetric=spec.symmetric,
+                                                  steps=clip_steps)
                 scale[:, col // group], row_scale[col:col + group] = g_scale[:, 0], g_scale[:, 0]
                 if zero_point is not None:
                     zero_point[:, col // group], row_zero[col:col + group] = g_zero[:, 0], g_zero[:, 0]
