@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration.observers import NotCalibratedError, range_qparams
-from ..calibration.static import smoothing_factors
+from ..algorithms.smoothquant import smoothing_factors
 from ..primitives.affine import choose_qparams
 from ..primitives.fake_quantize import fake_quantize_ste, ste_round
 from ..primitives.qtypes import get_qtype
