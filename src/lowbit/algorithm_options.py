@@ -50,16 +50,19 @@ class AWQ:
         grid: ratios searched: ``s = mean|x|^r`` for ``r`` in ``0, 1/grid, ..., (grid - 1)/grid`` (r = 0 is
             round to nearest, so AWQ never does worse than it on the calibration tokens).
         samples: calibration tokens kept per layer (a uniform sample) to measure each ratio's output error.
+        clip_steps: then shrink each group's range by the factor among ``clip_steps`` + 1 in [0.5, 1] that
+            minimizes the group's output error on those tokens (AWQ's clipping search; 0: min/max ranges).
     """
 
     grid: int = 20
     samples: int = 4096
+    clip_steps: int = 20
     name = "awq"
 
     def __post_init__(self):
-        for field, value in (("grid", self.grid), ("samples", self.samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AWQ {field} must be a positive int; received {value!r}")
+        for field, value, least in (("grid", self.grid, 1), ("samples", self.samples, 1), ("clip_steps", self.clip_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"AWQ {field} must be an int >= {least}; received {value!r}")
 
 
 OPTIONS = {options.name: options for options in (GPTQ, AWQ)}

@@ -8,8 +8,11 @@ from typing import Sequence
 
 import torch
 
+from ..primitives.affine import choose_qparams, dequantize, quantize
 from ..primitives.fake_quantize import fake_quantize
 from ..specs import WeightSpec
+
+CLIP_SHRINK = 0.5  # the narrowest range the clipping search tries, as a fraction of a group's min/max range
 
 
 class ActivationSampleCollector:
@@ -66,3 +69,40 @@ def awq_scales(weight: torch.Tensor, collector: ActivationSampleCollector, spec:
         if best_error is None or error < best_error:
             best, best_error = s, error
     return best
+
+
+def awq_clipped_qparams(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec, block_size: Sequence[int], steps: int):
+    """Per group of a per-group weight, the min/max qparams of its range shrunk by the factor in [0.5, 1]
+    (``steps`` + 1 candidates) minimizing the group's share of the layer's output error on the tokens ``x``
+    (M, K), ``d^T X_g^T X_g d`` for the group's rounding error ``d`` and its inputs ``X_g`` (AWQ's clipping
+    search); min/max qparams for other granularities or ``steps=0``.
+
+    Example:
+        >>> from lowbit.specs import weight_spec
+        >>> x = torch.randn(128, 64)
+        >>> scale, zero = awq_clipped_qparams(torch.randn(16, 64), x, weight_spec("int4", "uint4", 32), (1, 32), 10)
+        >>> tuple(scale.shape), tuple(zero.shape)
+        ((16, 2), (16, 2))
+    """
+    w = weight.detach().float()
+    best_scale, best_zero = choose_qparams(w, block_size, spec.qtype, symmetric=spec.symmetric)
+    if spec.granularity != "per_group" or steps == 0:
+        return best_scale, best_zero
+    n, k = w.shape
+    group = block_size[-1]
+    x = x.float().reshape(-1, k // group, group)  # (M, G, g)
+    gram = torch.einsum("mgi,mgj->gij", x, x)  # (G, g, g): each group's inputs' Gram matrix
+
+    def output_error(scale, zero):
+        d = (w - dequantize(quantize(w, scale, zero, block_size, spec.qtype), scale, zero, block_size)).reshape(n, -1, group)
+        return torch.einsum("ngi,gij,ngj->ng", d, gram, d)  # (N, G)
+
+    best_error = output_error(best_scale, best_zero)
+    for step in range(1, steps + 1):
+        scale, zero = choose_qparams(w * (1 - CLIP_SHRINK * step / steps), block_size, spec.qtype, symmetric=spec.symmetric)
+        error = output_error(scale, zero)
+        better = error < best_error
+        best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
+        if best_zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero

@@ -25,7 +25,7 @@ from ..targets import (
     ALGORITHM_ATTR, FilterFn, is_conv1d, linear_weight, module_weight, refuse_prepared, select_targets, validate_targets,
 )
 from ..tensors.from_spec import quantize_weight
-from .awq import ActivationSampleCollector, awq_scales
+from .awq import ActivationSampleCollector, awq_clipped_qparams, awq_scales
 from .blocks import call_model, capture_inputs, find_blocks, next_inputs, progress, run_block
 from .gptq import HessianCollector, gptq_quantize
 from .smoothquant import ChannelMaxCollector, smoothing_factors
@@ -145,12 +145,15 @@ def quantized_layer_weight(state: LayerState, weight: torch.Tensor, name: str) -
                                                  act_order=options.act_order, block_columns=options.block_columns,
                                                  clip_steps=options.clip_steps)
         return quantize_weight(w_hat.to(weight.dtype), spec, kernel=config.kernel, name=name, qparams=(scale, zero_point))
+    qparams = None
     if spec.weight.algorithm == "awq":
         smooth = awq_scales(weight, collector, spec.weight, block_size, options.grid)
+        qparams = awq_clipped_qparams(weight.float() * smooth, collector.rows / smooth, spec.weight, block_size,
+                                      options.clip_steps)
     else:
         smooth = smoothing_factors(collector.max_abs, weight.float().abs().amax(0), spec.activation.smoothing)
     smoothed = (weight.float() * smooth).to(weight.dtype)
-    return quantize_weight(smoothed, spec, kernel=config.kernel, name=name, smooth=smooth)
+    return quantize_weight(smoothed, spec, kernel=config.kernel, name=name, qparams=qparams, smooth=smooth)
 
 
 @contextmanager
