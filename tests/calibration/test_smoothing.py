@@ -106,3 +106,22 @@ def test_input_gradient_is_the_dequantized_weights(smoothing):
     # float32 dot products of 32 terms from weights rounded at most twice: (32 + 2) units of rounding
     bound = (32 + 2) * torch.finfo(torch.float32).eps / 2 * (grad_out.abs() @ weight.abs())
     assert ((x.grad - reference.grad).abs() <= bound).all()
+
+
+def test_static_float8_smooths_its_activations_too():
+    data = _data()
+    models = {}
+    for smoothing in (None, 0.5):
+        model = lowbit.prepare(_layer(), lowbit.StaticFloat8(smoothing=smoothing))
+        lowbit.calibrate(model, data, progress=False)
+        models[smoothing] = lowbit.convert(model)
+    weight = models[0.5][0].weight
+    act_max = torch.stack(data).abs().amax((0, 1))
+    expected_s = smoothing_factors(act_max, _layer()[0].weight.detach().abs().amax(0), 0.5)
+    assert torch.equal(weight.act_smooth, expected_s) and models[None][0].weight.act_smooth is None
+    assert models[0.5][0].lowbit_spec.weight.algorithm == "smoothquant"
+    x = torch.cat(data)
+    want = _layer()(x)
+    with torch.no_grad():
+        errors = {s: (m(x) - want).pow(2).mean() for s, m in models.items()}
+    assert errors[0.5] < errors[None]  # outlier channels: smoothing lowers the per-tensor activation error
