@@ -178,3 +178,30 @@ def test_a_transformers_decoder_is_quantized_layer_by_layer():
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+
+
+def test_qat_starts_from_gptqs_weights_and_qparams():
+    from lowbit.qat import QATConfig
+
+    config = lowbit.Int4WeightOnly(group_size=32, algorithm="gptq", kernel="reference")
+    model, x = _model(), _data(1, seed=3)[0]
+    lowbit.prepare(model, config)
+    lowbit.calibrate(model, _data(), progress=False)
+    gptq = lowbit.convert(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="needs range_learning=True"):
+        lowbit.quantize_(model, QATConfig(config))
+    lowbit.quantize_(model, QATConfig(config, range_learning=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), gptq(x), rtol=1e-5, atol=1e-5)  # step 0 computes what GPTQ gave
+    model(x).pow(2).mean().backward()  # and trains from there
+    lowbit.quantize_(model, QATConfig(config, step="convert"))
+    assert type(model.blocks[0].up.weight).__name__ == "Int4Tensor"
+
+
+def test_qat_from_an_algorithm_refuses_what_it_cannot_start_from():
+    from lowbit.qat import QATConfig
+
+    with pytest.raises(ValueError, match="run lowbit.prepare"):
+        lowbit.quantize_(_model(), QATConfig(lowbit.Int4WeightOnly(group_size=32, algorithm="gptq"), range_learning=True))
+    with pytest.raises(ValueError, match="awq divides the layers' inputs"):
+        lowbit.quantize_(_model(), QATConfig(lowbit.Int4WeightOnly(group_size=32, algorithm="awq"), range_learning=True))

@@ -57,17 +57,19 @@ class WeightFakeQuantizer(nn.Module):
         transposed: the module stores the weight transposed (transformers' Conv1D keeps (in, out)).
         smoothed: the layer's input is smoothed (static SmoothQuant): the weight's columns are multiplied by the
             factors :meth:`set_smoothing` fixes (ones until then).
+        initial_qparams: (scale, float zero point or None) learned qparams start from (e.g. GPTQ's), instead of
+            the weight's own.
     """
 
     def __init__(self, spec: WeightSpec, weight: torch.Tensor, block_size, *, range_learning: bool = False,
-                 transposed: bool = False, smoothed: bool = False):
+                 transposed: bool = False, smoothed: bool = False, initial_qparams=None):
         super().__init__()
         self.spec, self.block_size, self.transposed = spec, tuple(block_size), transposed
         self.range_learning = range_learning
         # (K,) SmoothQuant factors multiplying the weight's columns
         self.register_buffer("smoothing", torch.ones(weight.shape[1], device=weight.device) if smoothed else None)
         if range_learning:
-            scale, zero_point = self.minmax_qparams(weight)
+            scale, zero_point = initial_qparams or self.minmax_qparams(weight)
             self.scale = nn.Parameter(scale)
             self.zero_point = None if zero_point is None else nn.Parameter(zero_point)
 

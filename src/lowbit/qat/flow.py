@@ -19,7 +19,8 @@ from ..modules import QuantizedLinear
 from ..primitives.affine import check_finite
 from ..specs import QuantSpec
 from ..targets import (
-    QAT_ATTR, conv_layout, is_conv1d, module_weight, refuse_prepared, select_targets, set_submodule, validate_targets,
+    ALGORITHM_ATTR, QAT_ATTR, conv_layout, is_conv1d, module_weight, refuse_prepared, select_targets, set_submodule,
+    validate_targets,
 )
 from ..tensors.from_spec import quantize_block, quantize_weight, with_static_activation
 from .config import QATConfig
@@ -36,8 +37,10 @@ class QATHandler:
         if config.step == "prepare":
             if module_swap:
                 raise ValueError("QAT prepares layers in place; module_swap applies to the convert step only")
-            refuse_prepared(model, "QAT's prepare step")
             base = config.base_config
+            if base.spec().weight.data_driven:
+                return _calibrated_targets(model, config, filter_fn)
+            refuse_prepared(model, "QAT's prepare step")
             static = _is_static(base.spec())
             per_layer = "static quantization gives each layer its own activation scale" if static else None
             return select_targets(model, filter_fn, base, per_layer, stacklevel=4)
@@ -69,6 +72,41 @@ class QATHandler:
             _convert(model, targets, config, module_swap)
 
 
+def _calibrated_targets(model, config: QATConfig, filter_fn):
+    """The layers a data-driven algorithm calibrated, for QAT to start from its weights and qparams."""
+    base = config.base_config
+    algorithm = base.spec().weight.algorithm
+    if algorithm != "gptq":
+        raise ValueError(f"QAT starts from GPTQ's weights and qparams (and from HQQ's, without data); {algorithm} divides "
+                         f"the layers' inputs by factors QAT does not train: received {base.label()}")
+    if not config.range_learning:
+        raise ValueError(f"QAT from {algorithm} needs range_learning=True: min/max qparams chosen at each step would "
+                         f"drop the ones {algorithm} chose")
+    layers = [(fqn, m) for fqn, m in model.named_modules() if hasattr(m, ALGORITHM_ATTR)
+              and (filter_fn is None or filter_fn(m, fqn))]
+    calibrated = [(fqn, m) for fqn, m in layers if getattr(m, ALGORITHM_ATTR).result is not None]
+    if not layers or len(calibrated) < len(layers):
+        missing = [fqn for fqn, m in layers if (fqn, m) not in calibrated]
+        raise ValueError(f"QAT from {algorithm} starts from its results: run lowbit.prepare(model, {base.label()}) and "
+                         f"lowbit.calibrate(model, data) first (layers without results: {missing[:5]})")
+    for fqn, module in calibrated:
+        prepared = getattr(module, ALGORITHM_ATTR).config
+        if prepared.spec() != base.spec():
+            raise ValueError(f"{fqn!r} was calibrated for {prepared.label()}; QAT's prepare step received {base.label()}")
+    return calibrated
+
+
+def _algorithm_start(module: nn.Module):
+    """The float weight (in the module's layout) and (scale, float zero point) a calibrated algorithm's result
+    gives QAT to start from; the algorithm's state is removed."""
+    result = getattr(module, ALGORITHM_ATTR).result
+    delattr(module, ALGORITHM_ATTR)
+    linear = result.t() if is_conv1d(module) else result
+    block = getattr(linear, "weight", linear).canonical()  # a dynamic config's tensor wraps its weight
+    zero_point = None if block.zero_point is None else block.zero_point.float()
+    return result.dequantize(), (block.scale.float(), zero_point)
+
+
 def _is_static(spec: QuantSpec) -> bool:
     return spec.activation is not None and spec.activation.mode == "static"
 
@@ -94,6 +132,11 @@ def _prepare(targets, config: QATConfig) -> None:
     shared: dict[int, WeightFakeQuantizer] = {}  # a tied weight gets one fake quantizer
     for fqn, module in targets:
         key = id(module.weight)
+        start = None
+        if hasattr(module, ALGORITHM_ATTR):  # QAT from a calibrated algorithm: its values and qparams
+            values, start = _algorithm_start(module)
+            with torch.no_grad():
+                module.weight.copy_(values)
         weight = _applied_weight(module)
         layout = conv_layout(module)
         linear = weight.t() if is_conv1d(module) else weight
@@ -101,7 +144,7 @@ def _prepare(targets, config: QATConfig) -> None:
         smoothed = _is_static(spec) and spec.activation.smoothing is not None and not layout  # linear layers only
         if key not in shared:
             shared[key] = WeightFakeQuantizer(spec.weight, linear, block, range_learning=config.range_learning,
-                                              transposed=is_conv1d(module), smoothed=smoothed)
+                                              transposed=is_conv1d(module), smoothed=smoothed, initial_qparams=start)
         if isinstance(module, ConvBn):
             module.weight_fake_quant = shared[key]
         else:
