@@ -38,7 +38,7 @@ class QATHandler:
             if module_swap:
                 raise ValueError("QAT prepares layers in place; module_swap applies to the convert step only")
             base = config.base_config
-            if base.spec().weight.data_driven:
+            if base.spec().weight.data_driven and not _is_static(base.spec()):  # static smoothing trains in QAT
                 return _calibrated_targets(model, config, filter_fn)
             refuse_prepared(model, "QAT's prepare step")
             static = _is_static(base.spec())
