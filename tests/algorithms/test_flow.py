@@ -1,6 +1,7 @@
 """The data-driven algorithms' flow: prepare -> calibrate (block by block) -> convert."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -205,3 +206,37 @@ def test_qat_from_an_algorithm_refuses_what_it_cannot_start_from():
         lowbit.quantize_(_model(), QATConfig(lowbit.Int4WeightOnly(group_size=32, algorithm="gptq"), range_learning=True))
     with pytest.raises(ValueError, match="awq divides the layers' inputs"):
         lowbit.quantize_(_model(), QATConfig(lowbit.Int4WeightOnly(group_size=32, algorithm="awq"), range_learning=True))
+
+
+@pytest.mark.parametrize("config", [
+    lowbit.Int8DynamicActivation(algorithm="gptq"), lowbit.Float8WeightOnly(algorithm="gptq"),
+    lowbit.Float8DynamicActivation(algorithm="gptq"), lowbit.Int4WeightOnly(group_size=32, symmetric=True, algorithm="gptq"),
+    lowbit.Int8WeightOnly(group_size=32, algorithm="gptq"),
+], ids=lambda c: c.label())
+def test_gptq_over_every_scheme_gives_its_tensors_and_beats_round_to_nearest(config):
+    data, held_out, reference = _data(), _data(4, seed=1), _model()
+    errors, types = {}, {}
+    for algorithm in ("rtn", "gptq"):
+        model, variant = _model(), dataclasses.replace(config, algorithm=algorithm)
+        _flow(model, variant, data) if algorithm == "gptq" else lowbit.quantize_(model, variant)
+        types[algorithm] = type(model.blocks[1].down.weight)
+        with torch.no_grad():
+            errors[algorithm] = sum((model(x) - reference(x)).pow(2).mean() for x in held_out)
+    assert types["gptq"] is types["rtn"] and errors["gptq"] < errors["rtn"]
+
+
+def test_gptq_on_gpt2_conv1d_layers():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    reference = copy.deepcopy(model)
+    data = [{"input_ids": torch.randint(0, 128, (2, 16))} for _ in range(3)]
+    with pytest.warns(UserWarning, match="tied weight"):
+        _flow(model, lowbit.Int8WeightOnly(algorithm="gptq"), data)
+    attn = model.transformer.h[0].attn.c_attn
+    assert type(attn.weight).__name__ == "Int8Tensor" and attn.weight.shape == reference.transformer.h[0].attn.c_attn.weight.shape
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
