@@ -11,6 +11,7 @@ from .activation import WRAPPERS, DynamicActivationTensor, StaticActivationTenso
 from .base import QuantizedTensor
 from .blockwise import BlockQuantizedTensor, with_packing
 from .schemes import get_scheme, scheme_for
+from .smoothed import SmoothedTensor, check_smooth
 
 
 def quantize_block(w: torch.Tensor, spec: WeightSpec, block_size: Sequence[int] | None = None, *, kernel: str = "auto",
@@ -24,8 +25,11 @@ def quantize_block(w: torch.Tensor, spec: WeightSpec, block_size: Sequence[int] 
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, block_size: Sequence[int] | None = None, *, kernel: str = "auto",
-                    name: str = "weight", groups: int | None = None, qparams=None) -> QuantizedTensor:
+                    name: str = "weight", groups: int | None = None, qparams=None,
+                    smooth: torch.Tensor | None = None) -> QuantizedTensor:
     """The post-training flow: ``w`` as the tensor a weight-only or dynamic spec gives, packed for its kernel.
+    With ``smooth`` (K,) positive divisors (AWQ / SmoothQuant), ``w`` is the column-multiplied weight ``W * s`` and
+    the result is a :class:`SmoothedTensor` computing ``F.linear(x / s, Q(w))``.
 
     Example:
         >>> from lowbit.specs import weight_spec
@@ -36,6 +40,12 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, block_size: Sequence[int] 
     if mode == "static":
         raise ValueError("static activation scales come from calibration: use lowbit.prepare / calibrate / convert")
     scheme = scheme_for(spec.weight.scheme, mode)
+    if smooth is not None:
+        if w.dim() != 2 or groups is not None:
+            raise ValueError(f"smoothing divisors apply to a 2-D linear weight; received shape {tuple(w.shape)}"
+                             + (f" with groups={groups}" if groups is not None else ""))
+        smooth = check_smooth(smooth, w.shape[1])  # validated before any quantization work
+        return SmoothedTensor.wrap(quantize_weight(w, spec, block_size, kernel=kernel, name=name, qparams=qparams), smooth)
     block = quantize_block(w, spec.weight, block_size, kernel=kernel, name=name, groups=groups, qparams=qparams)
     if spec.activation is None:
         return with_packing(block, scheme.name)
