@@ -240,3 +240,58 @@ def test_gptq_on_gpt2_conv1d_layers():
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+
+
+def _outlier_data(count=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    channel = torch.ones(32)
+    channel[::8] = 25.0  # salient input channels, as language models have
+    return [torch.randn(4, 8, 32, generator=g) * channel for _ in range(count)]
+
+
+@pytest.mark.parametrize("config", [
+    lowbit.IntxWeightOnly(bits=3, group_size=32, algorithm="awq"), lowbit.Int4WeightOnly(group_size=32, algorithm="awq"),
+    lowbit.Int8DynamicActivation(algorithm="smoothquant"), lowbit.Float8DynamicActivation(algorithm="smoothquant"),
+], ids=lambda c: c.label())
+def test_smoothing_algorithms_divide_inputs_and_beat_round_to_nearest(config, tmp_path):
+    data, held_out, reference = _outlier_data(), _outlier_data(4, seed=1), _model()
+    errors, models = {}, {}
+    for algorithm in ("rtn", config.algorithm):
+        model, variant = _model(), dataclasses.replace(config, algorithm=algorithm)
+        _flow(model, variant, data) if algorithm != "rtn" else lowbit.quantize_(model, variant)
+        with torch.no_grad():
+            errors[algorithm] = sum((model(x) - reference(x)).pow(2).mean() for x in held_out)
+        models[algorithm] = model
+    smoothed = models[config.algorithm].embed.weight
+    assert type(smoothed).__name__ == "SmoothedTensor" and smoothed.act_smooth.shape == (32,)
+    assert smoothed.act_smooth[::8].min() > smoothed.act_smooth.median()  # the salient channels are scaled the most
+    assert errors[config.algorithm] < errors["rtn"]
+    path = tmp_path / "model.safetensors"  # ordinary files: saved and loaded like any quantized model
+    lowbit.save(models[config.algorithm], path)
+    loaded = lowbit.load(_model(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(held_out[0]), models[config.algorithm](held_out[0]), rtol=0, atol=0)
+
+
+def test_smoothquant_factors_come_from_the_inputs_of_the_quantized_blocks():
+    from lowbit.algorithms.smoothquant import smoothing_factors
+
+    data, config = _outlier_data(), lowbit.Int8DynamicActivation(algorithm="smoothquant", smoothing=0.6)
+    model = _model()
+    _flow(model, config, data)
+    expected_inputs = []
+    work = _model()
+    lowbit.prepare(work, config)
+    lowbit.calibrate(work, data, progress=False)
+    block0 = work.blocks[0]
+    for name in ("up", "down"):  # block 0's layers quantized as calibrate quantized them
+        layer = getattr(block0, name)
+        layer.weight = torch.nn.Parameter(layer.lowbit_algorithm.result, requires_grad=False)
+    hook = work.blocks[1].up.register_forward_pre_hook(lambda m, args: expected_inputs.append(args[0]))
+    with torch.no_grad():
+        for x in data:
+            work(x)
+    hook.remove()
+    act_max = torch.cat([x.reshape(-1, 64) for x in expected_inputs]).abs().amax(0)
+    weight_max = _model().blocks[1].up.weight.detach().abs().amax(0)
+    torch.testing.assert_close(model.blocks[1].up.weight.act_smooth, smoothing_factors(act_max, weight_max, 0.6))
