@@ -295,18 +295,19 @@ def _fixture_module():
     return module
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("target", ["float", "meta"])
 def test_format_fixture_still_loads(target, version):
     """Each format version as committed: dequantized weights must match exactly; outputs up to the float
     rounding by which this machine's kernels may differ from those of the machine (and lowbit version) that wrote it,
     which a later layer's activation quantization can turn into one int8 step (1/127 of a row's range). Format 1
-    named kernels and config labels (read, not used); format 2 holds specs."""
+    named kernels and config labels (read, not used); format 2 holds specs; format 3 adds smoothed (AWQ, SmoothQuant)
+    weights."""
     fixture = _fixture_module()
     checkpoint, expected = FIXTURES / f"format_v{version}.safetensors", FIXTURES / f"format_v{version}_expected.safetensors"
-    assert checkpoint.stat().st_size + expected.stat().st_size < 200_000
+    assert checkpoint.stat().st_size + expected.stat().st_size < 250_000
     expected = load_file(str(expected))
-    model = lowbit.load(build(fixture.FixtureModel, target), checkpoint).eval()
+    model = lowbit.load(build(fixture.FixtureModel, target, version >= 3), checkpoint).eval()
     for key, weight in expected.items():
         if key.startswith("dequantized."):
             name = key.removeprefix("dequantized.")
@@ -316,7 +317,8 @@ def test_format_fixture_still_loads(target, version):
             assert torch.equal(model.get_parameter(name).dequantize(), weight), name
     assert isinstance(model.swapped, lowbit.QuantizedLinear)
     specs = {row["spec"] for row in describe(checkpoint)["tensors"]} - {None}
-    assert specs == (set() if version == 1 else {lowbit.specs.describe_spec(c.spec()) for c in fixture.LAYERS.values()})
+    configs = {**fixture.LAYERS, **(fixture.SMOOTHED_LAYERS if version >= 3 else {})}
+    assert specs == (set() if version == 1 else {lowbit.specs.describe_spec(c.spec()) for c in configs.values()})
     assert getattr(model.int4, "lowbit_spec", None) == (None if version == 1 else fixture.LAYERS["int4"].spec())
     with torch.no_grad():
         out = model(expected["input_ids"])
@@ -382,8 +384,8 @@ BAD_FILES = {
     "corrupt header": (_break_header_utf8, "header is not JSON"),
     "pickle": (lambda p, o: (torch.save({"w": torch.ones(3)}, o), o)[1], "not a safetensors file"),
     "plain safetensors": (lambda p, o: (save_file({"fc1.weight": torch.ones(3)}, str(o)), o)[1], "without a lowbit header"),
-    "format version": (lambda p, o: _rewrite(p, o, header=_set("format_version", value=3)),
-                       "format_version.*expected one of \\[1, 2\\].*received 3"),
+    "format version": (lambda p, o: _rewrite(p, o, header=_set("format_version", value=4)),
+                       "format_version.*expected one of \\[1, 2, 3\\].*received 4"),
     "format name": (lambda p, o: _rewrite(p, o, header=_set("format", value="other")), "'format'.*'other'"),
     "class not whitelisted": (lambda p, o: _rewrite(p, o, header=_set("entries", "fc1.weight", "class", value="os.system")),
                               "'fc1.weight'.*'class'.*'os.system'"),

@@ -19,7 +19,7 @@ from lowbit.serialization import CheckpointError, describe, meta_parameters
 from lowbit.specs import spec_to_json
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-VALID = FIXTURES / "format_v2.safetensors"  # one layer per scheme (see make_fixture.py)
+VALID = FIXTURES / "format_v3.safetensors"  # one layer per scheme (see make_fixture.py)
 VALID_V1 = FIXTURES / "format_v1.safetensors"  # config labels and kernel names in the header
 
 
@@ -367,9 +367,9 @@ def test_format_2_holds_no_kernel_and_format_1_no_spec(tmp_path):
     assert_rejected(kernel, "'int8.weight': field 'meta': expected.*received.*'kernel'")
     spec = rewrite(VALID_V1, tmp_path / "spec.safetensors", header=set_value("int8.weight", "spec", value=_spec(lowbit.Int8WeightOnly())))
     with pytest.raises(CheckpointError, match="'int8.weight': field 'spec' is not part of format 1"):
-        lowbit.load(FixtureModel(), spec)
+        lowbit.load(FixtureModel(smoothed=False), spec)
     named = rewrite(VALID_V1, tmp_path / "named.safetensors", header=set_value("int8.weight", "meta", "kernel", value="no-such-kernel"))
-    assert lowbit.load(FixtureModel(), named).int8.weight.kernel == "auto"
+    assert lowbit.load(FixtureModel(smoothed=False), named).int8.weight.kernel == "auto"
     assert lowbit.load(FixtureModel(), VALID, kernel="reference").int8.weight.kernel == "reference"
 
 

@@ -25,9 +25,10 @@ from ..tensors import QuantizedTensor
 from ..tensors.activation import WRAPPERS, DynamicActivationTensor, StaticActivationTensor
 from ..tensors.blockwise import PACKED_NAMES, BlockQuantizedTensor, with_packing
 from ..tensors.schemes import SCHEMES, get_scheme, scheme_for
+from ..tensors.smoothed import SmoothedTensor
 from .container import CheckpointError, StoredTensor, shown
 
-WRAPPER_CLASSES = {cls.__name__: cls for cls in WRAPPERS.values()}
+WRAPPER_CLASSES = {cls.__name__: cls for cls in (*WRAPPERS.values(), SmoothedTensor)}
 
 
 def block_classes() -> dict[str, type]:
@@ -48,6 +49,8 @@ SEPARATOR = "::"  # file names of inner tensors: "<entry>::<field>[::<field>...]
 
 def pack(t: QuantizedTensor) -> QuantizedTensor:
     """Attach the packed layout of this machine's kernel, as quantizing does (``packed_for`` names it)."""
+    if isinstance(t, SmoothedTensor):
+        return t.with_weight(pack(t.weight))
     if isinstance(t, StaticActivationTensor):
         return StaticActivationTensor.wrap_static(t.weight, t.activation, t.act_scale, t.act_zero_point, t.act_smooth)
     if isinstance(t, DynamicActivationTensor):
@@ -128,6 +131,7 @@ META_TYPES = {  # metadata field -> (accepts the JSON value, what is expected); 
     "groups": (lambda v: v is None or type(v) is int, "an int or null"),
     "packed_for": (lambda v: v is None, "null (files hold the canonical layout)"),
     "packed_transposed": (lambda v: v is None, "null (files hold the canonical layout)"),
+    "transposed": (lambda v: type(v) is bool, "a bool (a smoothed weight stored (in, out))"),
 }
 JSON_TYPES = {"str": str, "bool": bool}  # annotations of ActivationQuant's fields
 
@@ -147,9 +151,17 @@ class Node:
     @property
     def scheme(self) -> str:
         """The scheme of the tensor this entry builds, e.g. ``"int8_static"``."""
+        if self.cls is SmoothedTensor:
+            return self.fields["weight"].scheme
         if self.cls in WRAPPER_CLASSES.values():
             return scheme_for(self.fields["weight"].cls.scheme, self.cls.mode).name
         return self.cls.scheme
+
+    @property
+    def block(self) -> "Node":
+        """The block-quantized weight inside any wrappers (a smoothed weight may wrap a dynamic one)."""
+        weight = self.fields.get("weight")
+        return self if weight is None else weight.block
 
     def file_tensors(self) -> list[str]:
         names = []
@@ -170,12 +182,12 @@ class Inner:
 
 
 def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str], inner: bool = False, kernel: str = "auto",
-           version: int = 2) -> Node:
+           version: int = 2, allowed: dict[str, type] | None = None) -> Node:
     """Validate a quantized entry against the container (the type of every field, the scheme's metadata,
     the presence, shape and dtype of each inner tensor); file tensors it uses are added to ``claimed``. The
     node's tensors will prefer ``kernel`` (a run-time choice: a format-1 file's kernel field is not used)."""
     where = f"tensor {name!r}"
-    allowed = block_classes() if inner else classes()
+    allowed = allowed or (block_classes() if inner else classes())
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: expected a JSON object as header entry; received {shown(entry)}")
     optional = () if inner else TOP_FIELDS
@@ -202,7 +214,10 @@ def decode(entry, name: str, stored: dict[str, StoredTensor], claimed: set[str],
     decoded = {}
     for field, value in fields.items():
         if field == "weight" and cls in WRAPPER_CLASSES.values():
-            decoded[field] = decode(value, f"{name}{SEPARATOR}weight", stored, claimed, inner=True, kernel=kernel, version=version)
+            # a smoothed weight wraps a weight-only or dynamic one; other wrappers wrap a block-quantized weight
+            inside = {**block_classes(), DynamicActivationTensor.__name__: DynamicActivationTensor} if cls is SmoothedTensor else None
+            decoded[field] = decode(value, f"{name}{SEPARATOR}weight", stored, claimed, inner=True, kernel=kernel,
+                                    version=version, allowed=inside)
         elif not isinstance(value, str) or value not in stored or value in claimed:
             problem = "not a string" if not isinstance(value, str) else "used twice" if value in claimed else "not in the file"
             raise CheckpointError(f"{where}: field 'tensors.{field}': expected the name of an unused file tensor; "
@@ -286,10 +301,13 @@ def _wrapper_layout(node: Node, where: str) -> dict[str, Inner]:
     """A wrapper holds a weight of its own shape and dtype whose qtype its activations share; a static one
     adds a 0-d activation scale, a 0-d zero point for asymmetric activations and, for a linear layer,
     optional smoothing divisors (one per input channel)."""
-    weight, activation = node.fields["weight"], node.meta["activation"]
+    weight = node.fields["weight"]
     if (weight.shape, weight.dtype) != (node.shape, node.dtype):
         raise CheckpointError(f"{where}: its inner weight should be {list(node.shape)} {dtype_name(node.dtype)}; received "
                               f"{list(weight.shape)} {dtype_name(weight.dtype)}")
+    if node.cls is SmoothedTensor:
+        return _smoothed_layout(node, where)
+    activation = node.meta["activation"]
     static = node.cls.mode == "static"
     if activation.qtype != weight.meta["qtype"] or (static and activation.granularity != "per_tensor"):
         granularity = " and granularity 'per_tensor' (static)" if static else ""
@@ -305,6 +323,14 @@ def _wrapper_layout(node: Node, where: str) -> dict[str, Inner]:
             "act_zero_point": Inner((), (act_qtype.storage,), not activation.symmetric, why),
             "act_smooth": Inner((inputs,), SCALE_DTYPES, None if linear else False,
                                 "smoothing divides the input channels of a linear layer")}
+
+
+def _smoothed_layout(node: Node, where: str) -> dict[str, Inner]:
+    """A smoothed weight is a 2-D linear weight, (out, in) or, transposed, (in, out), with one divisor per input."""
+    if len(node.shape) != 2:
+        raise CheckpointError(f"{where}: a SmoothedTensor is a 2-D linear weight; received shape {list(node.shape)}")
+    inputs = node.shape[0] if node.meta["transposed"] else node.shape[1]
+    return {"act_smooth": Inner((inputs,), (torch.float32,), True, "smoothing divides the input channels")}
 
 
 def _check_inner(node: Node, layout: dict[str, Inner], stored: dict[str, StoredTensor], where: str) -> None:

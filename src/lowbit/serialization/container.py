@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 FORMAT = "lowbit"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # format 1: config labels and kernel names in the header; 2: specs, no kernels
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # format 1: config labels and kernel names in the header; 2: specs, no kernels;
+# 3: smoothing divisors (SmoothedTensor) on weight-only and dynamic weights
 METADATA_KEY = "lowbit"
 WEIGHTS_NAME = "model.safetensors"
 HEADER_NAME = "lowbit.json"

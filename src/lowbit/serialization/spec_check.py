@@ -12,6 +12,9 @@ from .codec import Node
 from .container import CheckpointError, shown
 
 
+SMOOTHING_ALGORITHMS = ("awq", "smoothquant")  # weight algorithms whose tensors carry per-input-channel divisors
+
+
 def read_spec(value, where: str) -> QuantSpec:
     """The spec of a header's ``spec`` field, validated.
 
@@ -26,19 +29,21 @@ def read_spec(value, where: str) -> QuantSpec:
 
 def check_spec(spec: QuantSpec, node: Node, where: str) -> None:
     """Raise CheckpointError unless ``spec`` would have made ``node``'s tensor: the same scheme (so class),
-    qtype, block size, activation quantization and smoothing."""
-    weight = node.fields.get("weight", node)
+    qtype, block size, activation quantization and smoothing divisors (only where the weight algorithm smooths)."""
+    outer = node.fields["weight"] if node.cls.__name__ == "SmoothedTensor" else node  # the weight-only or dynamic tensor
+    weight = node.block
     activation = spec.activation
     try:
         scheme = scheme_for(spec.weight.scheme, "none" if activation is None else activation.mode).name
     except ValueError as error:
         raise CheckpointError(f"{where}: field 'spec': {error}") from None
-    smoothing = activation is not None and activation.smoothing is not None
+    smoothing = spec.weight.algorithm in SMOOTHING_ALGORITHMS
     checks = (  # (what, what the spec allows, what the tensor has)
         ("scheme", (scheme,), node.scheme),
         ("qtype", (spec.weight.qtype,), weight.meta["qtype"]),
         ("block_size", _block_sizes(spec.weight, weight.shape, weight.meta.get("groups")), weight.meta["block_size"]),
-        ("activation", (None if activation is None else activation.quant,), node.meta.get("activation")),
+        ("activation", (None if activation is None else activation.quant,), outer.meta.get("activation")),
+        # a smoothing algorithm's conv or embedding layers carry no divisors, so they may be absent
         ("act_smooth", ("present", "absent") if smoothing else ("absent",), "present" if "act_smooth" in node.fields else "absent"),
     )
     for what, allowed, received in checks:

@@ -46,7 +46,7 @@ def describe(path: str | os.PathLike) -> dict:
             row = {"class": "float", "scheme": "float", "spec": None, "qtype": None, "block_size": None,
                    "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "bytes": tensor.nbytes}
         else:
-            block = node.fields.get("weight", node)
+            block = node.block
             row = {"class": node.cls.__name__, "scheme": node.scheme, "spec": None if source.spec is None else describe_spec(source.spec),
                    "qtype": block.meta["qtype"], "block_size": list(block.meta["block_size"]), "shape": list(node.shape),
                    "dtype": dtype_name(node.dtype), "bytes": sum(stored[n].nbytes for n in node.file_tensors())}
