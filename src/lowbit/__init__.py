@@ -38,6 +38,7 @@ from .tensors import (
     Int8Tensor,
     IntxTensor,
     QuantizedTensor,
+    SmoothedTensor,
     StaticActivationTensor,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "WeightSpec",
     "QuantizedLinear",
     "QuantizedTensor",
+    "SmoothedTensor",
     "StaticActivationTensor",
     "StaticFloat8",
     "StaticInt8",

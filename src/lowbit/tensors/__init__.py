@@ -8,6 +8,7 @@ from .float8 import Float8Tensor
 from .int4 import Int4Tensor
 from .int8 import Int8Tensor
 from .intx import IntxTensor
+from .smoothed import SmoothedTensor
 
 __all__ = [
     "ActivationQuant",
@@ -18,5 +19,6 @@ __all__ = [
     "Int8Tensor",
     "IntxTensor",
     "QuantizedTensor",
+    "SmoothedTensor",
     "StaticActivationTensor",
 ]
