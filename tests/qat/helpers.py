@@ -12,6 +12,7 @@ QAT_CONFIGS = [
     lowbit.Int8WeightOnly(),
     lowbit.Int4WeightOnly(group_size=32),
     lowbit.Int4WeightOnly(group_size=32, symmetric=True),
+    lowbit.Int4WeightOnly(group_size=32, algorithm="hqq"),
     lowbit.IntxWeightOnly(bits=3),
     lowbit.IntxWeightOnly(bits=2, symmetric=True),
     lowbit.Int8DynamicActivation(),

@@ -1,10 +1,12 @@
 """The modules QAT puts on a layer: a weight fake quantizer and an input (activation) fake quantizer.
 
 Both compute :func:`lowbit.primitives.fake_quantize.fake_quantize_ste` with qparams chosen exactly as the
-post-training flows choose them (min/max of the weight's blocks, the activation's tokens, or a static
-moving-average range), or with learned ones (LSQ). Their forward values are what the reference kernels
+post-training flows choose them (min/max of the weight's blocks or HQQ's fit of them, the activation's tokens, or a
+static moving-average range), or with learned ones (LSQ). Their forward values are what the reference kernels
 compute with the same qparams, so a converted model equals the fake-quantized one. Nothing in a forward
-reads a tensor's value in Python, so a training step compiles into one graph.
+reads a tensor's value in Python, so a training step compiles into one graph (except an HQQ fit per call, whose
+early stop reads its progress: learn the ranges, which start from HQQ's, to train an ``algorithm="hqq"`` config
+compiled).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..calibration.observers import NotCalibratedError, range_qparams
 from ..algorithms.smoothquant import smoothing_factors
 from ..primitives.affine import choose_qparams
 from ..primitives.fake_quantize import fake_quantize_ste, ste_round
+from ..primitives.hqq import hqq_qparams
 from ..primitives.qtypes import get_qtype
 from ..specs import ActivationSpec, WeightSpec
 
@@ -53,12 +56,13 @@ class WeightFakeQuantizer(nn.Module):
         spec: the base config's weight spec.
         weight: the float weight as the layer applies it ((out, in) for linear layers), for learned qparams' start.
         block_size: the blocks of that weight.
-        range_learning: learn scales (and zero points) instead of choosing min/max ones each call.
+        range_learning: learn scales (and zero points), starting from the spec's choice (:meth:`spec_qparams`),
+            instead of choosing them each call.
         transposed: the module stores the weight transposed (transformers' Conv1D keeps (in, out)).
         smoothed: the layer's input is smoothed (static SmoothQuant): the weight's columns are multiplied by the
             factors :meth:`set_smoothing` fixes (ones until then).
         initial_qparams: (scale, float zero point or None) learned qparams start from (e.g. GPTQ's), instead of
-            the weight's own.
+            the spec's choice for the weight.
     """
 
     def __init__(self, spec: WeightSpec, weight: torch.Tensor, block_size, *, range_learning: bool = False,
@@ -69,7 +73,7 @@ class WeightFakeQuantizer(nn.Module):
         # (K,) SmoothQuant factors multiplying the weight's columns
         self.register_buffer("smoothing", torch.ones(weight.shape[1], device=weight.device) if smoothed else None)
         if range_learning:
-            scale, zero_point = initial_qparams or self.minmax_qparams(weight)
+            scale, zero_point = initial_qparams or self.spec_qparams(weight)
             self.scale = nn.Parameter(scale)
             self.zero_point = None if zero_point is None else nn.Parameter(zero_point)
 
@@ -78,15 +82,21 @@ class WeightFakeQuantizer(nn.Module):
         w = weight.t() if self.transposed else weight
         return w if self.smoothing is None else (w.float() * self.smoothing).to(w.dtype)
 
-    def minmax_qparams(self, w: torch.Tensor):
-        scale, zero_point = choose_qparams(w.detach(), self.block_size, self.spec.qtype, symmetric=self.spec.symmetric,
-                                           ignore_nonfinite=True)
+    def spec_qparams(self, w: torch.Tensor):
+        """(scale, float zero point or None) the spec chooses for ``w``, as the post-training path does: HQQ's fit
+        for ``algorithm="hqq"`` (raises on a non-finite weight), else each block's min/max (NaN/inf ignored)."""
+        w = w.detach()
+        if self.spec.algorithm == "hqq":
+            scale, zero_point = hqq_qparams(w, self.block_size, self.spec.qtype, symmetric=self.spec.symmetric)
+        else:
+            scale, zero_point = choose_qparams(w, self.block_size, self.spec.qtype, symmetric=self.spec.symmetric,
+                                               ignore_nonfinite=True)
         return scale, None if zero_point is None else zero_point.float()
 
     def qparams(self, w: torch.Tensor):
         """(scale, float zero point or None) for the applied weight ``w``."""
         if not self.range_learning:
-            return self.minmax_qparams(w)
+            return self.spec_qparams(w)
         return learned_qparams(self.scale, self.zero_point, self.spec.qtype, math.prod(self.block_size))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -96,7 +106,7 @@ class WeightFakeQuantizer(nn.Module):
         return out.t() if self.transposed else out
 
     def convert_qparams(self, w: torch.Tensor):
-        """The qparams to quantize the applied weight ``w`` with at convert: the learned ones, or None (min/max,
+        """The qparams to quantize the applied weight ``w`` with at convert: the learned ones, or None (the spec's,
         chosen by the post-training path itself)."""
         if not self.range_learning:
             return None
@@ -104,10 +114,10 @@ class WeightFakeQuantizer(nn.Module):
         return stored_qparams(scale, zero_point, self.spec.qtype)
 
     def set_smoothing(self, smoothing: torch.Tensor, weight: torch.Tensor) -> None:
-        """Multiply the weight's columns by ``smoothing`` from now on; learned qparams restart from its min/max."""
+        """Multiply the weight's columns by ``smoothing`` from now on; learned qparams restart from the spec's choice."""
         self.smoothing.copy_(smoothing)
         if self.range_learning:
-            scale, zero_point = self.minmax_qparams(self.applied(weight))
+            scale, zero_point = self.spec_qparams(self.applied(weight))
             with torch.no_grad():
                 self.scale.copy_(scale)
                 if zero_point is not None:

@@ -18,6 +18,7 @@ from ..kernels.boundary import call_kernel
 from ..kernels.registry import select_kernel, unpacked
 from ..primitives.affine import check_finite, quantize, quantize_weight
 from ..primitives.fake_quantize import dequantize_weight
+from ..primitives.hqq import hqq_qparams
 from ..primitives.packing import pack_bits
 from ..primitives.qtypes import get_qtype
 from ..specs import WeightSpec
@@ -45,7 +46,9 @@ class BlockQuantizedTensor(QuantizedTensor):
                   name: str = "weight", groups: int | None = None, qparams=None) -> "BlockQuantizedTensor":
         """Quantize ``w`` in blocks of ``block_size`` as ``spec`` says (sub-byte values packed along the last dim);
         ``groups`` is set for a convolution's weight (its kernels pack by it). ``qparams`` = ``(scale, zero_point)``
-        given (e.g. learned by QAT) replace the spec's min/max choice."""
+        given (e.g. learned by QAT) replace the spec's own choice: min/max, or HQQ's fit for ``algorithm="hqq"``."""
+        if qparams is None and spec.algorithm == "hqq":
+            qparams = hqq_qparams(w, block_size, spec.qtype, symmetric=spec.symmetric, name=name)
         if qparams is None:
             q, scale, zero_point = quantize_weight(w, block_size, spec.qtype, symmetric=spec.symmetric, name=name)
         else:
