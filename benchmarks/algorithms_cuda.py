@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import lowbit
 from lowbit.algorithms.gptq import HessianCollector, gptq_quantize
+from lowbit.bench.algorithms import quantize_timed
 from lowbit.specs import weight_spec
 
 
@@ -71,19 +72,11 @@ def flow_on_cuda() -> None:
 
         model, config = copy.deepcopy(reference), lowbit.Int4WeightOnly(group_size=128, algorithm=algorithm)
         torch.cuda.synchronize()
-        start = time.perf_counter()
         try:
-            if config.spec().weight.data_driven:
-                lowbit.prepare(model, config)
-                lowbit.calibrate(model, data, progress=False)
-                lowbit.convert(model)
-            else:
-                lowbit.quantize_(model, config)
+            seconds = quantize_timed(model, config, data)  # GPTQ's loop synchronizes: its time is the GPU's too
         except Exception as error:  # report and go on: one algorithm's failure must not hide the others'
             print(f"{algorithm}: failed: {type(error).__name__}: {error}")
             continue
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
         with torch.no_grad():
             got = model(held_out)
         weight = model.blocks[0].up.weight

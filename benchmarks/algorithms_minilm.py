@@ -21,7 +21,7 @@ import time
 import torch
 
 import lowbit
-from lowbit.bench.algorithms import not_available, quantize_timed, table
+from lowbit.bench.algorithms import names, not_available, quantize_timed, retrieval_agreement, table
 from lowbit.bench.minilm import calibration_batches
 from lowbit.embedded import embed, load_minilm, stdlib_sentences
 
@@ -35,20 +35,6 @@ ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
 COST_CALIBRATION = 128
 
 
-def retrieval_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """Fraction of sentences whose nearest other sentence is the same under both (N, H) normalised embeddings."""
-    def nearest(e):
-        return (e @ e.t()).fill_diagonal_(-float("inf")).argmax(-1)
-
-    return (nearest(reference) == nearest(candidate)).float().mean().item()
-
-
-def names(value: str, known) -> list[str]:
-    chosen = value.split(",")
-    unknown = [n for n in chosen if n not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; expected some of {', '.join(known)}")
-    return chosen
 
 
 def accuracy_rows(base, tokenizer, args) -> list[list[str]]:

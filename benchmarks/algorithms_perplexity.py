@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.bench.algorithms import not_available, quantize_timed, table
+from lowbit.bench.algorithms import names, not_available, quantize_timed, table
 
 TRAIN_MODULES = (
     "os", "subprocess", "argparse", "logging", "threading", "socket", "shutil", "tempfile", "typing", "asyncio",
@@ -197,13 +197,6 @@ def scheme_rows(name: str, model, windows, calibration, fp32: float, algorithms:
         print(" | ".join(rows[-1]), flush=True)
     return rows
 
-
-def names(value: str, known) -> list[str]:
-    chosen = value.split(",")
-    unknown = [n for n in chosen if n not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; expected some of {', '.join(known)}")
-    return chosen
 
 
 def main() -> None:

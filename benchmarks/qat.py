@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowbit
+from lowbit.bench.algorithms import retrieval_agreement, table
 from lowbit.bench.timing import Timed, interleaved_ms
 from lowbit.qat import QATConfig, freeze_bn_stats, freeze_ranges
 
@@ -87,10 +88,6 @@ class Settings:
 QUICK = Settings(train_sentences=16, eval_sentences=24, batch=4, steps=2, warmup=1, digits_epochs=1, qat_epochs=2,
                  step_batch=2, step_rounds=1, memory_steps=1, compile=False)
 
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
-                      *("| " + " | ".join(row) + " |" for row in rows)])
 
 
 # --- MiniLM: distillation ---------------------------------------------------------------------------------------
@@ -169,14 +166,6 @@ class Distillation:
             schedule.step()
         return loss.item()
 
-
-def retrieval_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """Fraction of sentences whose nearest other sentence is the same under both embeddings."""
-    def nearest(e):
-        similarity = e @ e.t()
-        return similarity.fill_diagonal_(-float("inf")).argmax(-1)
-
-    return (nearest(reference) == nearest(candidate)).float().mean().item()
 
 
 def training_sentences(count: int, held_out: list[str]) -> list[str]:

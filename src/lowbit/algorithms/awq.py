@@ -11,6 +11,7 @@ import torch
 from ..primitives.affine import choose_qparams, dequantize, quantize
 from ..primitives.fake_quantize import fake_quantize
 from ..specs import WeightSpec
+from .clipping import shrunk_qparams
 
 CLIP_SHRINK = 0.5  # the narrowest range the clipping search tries, as a fraction of a group's min/max range
 
@@ -85,9 +86,8 @@ def awq_clipped_qparams(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec,
         ((16, 2), (16, 2))
     """
     w = weight.detach().float()
-    best_scale, best_zero = choose_qparams(w, block_size, spec.qtype, symmetric=spec.symmetric)
-    if spec.granularity != "per_group" or steps == 0:
-        return best_scale, best_zero
+    if spec.granularity != "per_group":
+        return choose_qparams(w, block_size, spec.qtype, symmetric=spec.symmetric)
     n, k = w.shape
     group = block_size[-1]
     x = x.float().reshape(-1, k // group, group)  # (M, G, g)
@@ -97,12 +97,5 @@ def awq_clipped_qparams(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec,
         d = (w - dequantize(quantize(w, scale, zero, block_size, spec.qtype), scale, zero, block_size)).reshape(n, -1, group)
         return torch.einsum("ngi,gij,ngj->ng", d, gram, d)  # (N, G)
 
-    best_error = output_error(best_scale, best_zero)
-    for step in range(1, steps + 1):
-        scale, zero = choose_qparams(w * (1 - CLIP_SHRINK * step / steps), block_size, spec.qtype, symmetric=spec.symmetric)
-        error = output_error(scale, zero)
-        better = error < best_error
-        best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
-        if best_zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    return shrunk_qparams(w, block_size, spec.qtype, symmetric=spec.symmetric, steps=steps, narrowest=CLIP_SHRINK,
+                          error=output_error)

@@ -90,7 +90,7 @@ def next_inputs(inputs: list[tuple[tuple, dict]], hidden: list) -> list[tuple[tu
     return calls
 
 
-def progress(iterable, total: int, enabled: bool, desc: str):
+def progress(iterable, total: int | None, enabled: bool, desc: str, unit: str = "block"):
     """A tqdm progress bar on stderr when enabled and tqdm is installed."""
     if not enabled:
         return iterable
@@ -98,4 +98,4 @@ def progress(iterable, total: int, enabled: bool, desc: str):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional
         return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="block", file=sys.stderr)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr)

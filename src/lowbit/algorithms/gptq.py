@@ -14,10 +14,11 @@ from typing import Sequence
 
 import torch
 
-from ..primitives.affine import choose_qparams, dequantize, quantize
+from ..primitives.affine import dequantize, quantize
 from ..primitives.blocks import block_dims, to_blocks
 from ..primitives.qtypes import get_qtype
 from ..specs import WeightSpec
+from .clipping import shrunk_qparams
 
 MAX_DAMPING = 1.0  # the largest fraction of the mean diagonal added to H before the Cholesky factorisation gives up
 CLIP_NORM = 2.4  # the reconstruction error's exponent when a block's range is shrunk (GPTQ's reference quantizer)
@@ -34,18 +35,8 @@ def clipped_qparams(w: torch.Tensor, block_size: Sequence[int], qtype, *, symmet
         >>> bool((clipped <= full).all())
         True
     """
-    best_scale, best_zero = choose_qparams(w, block_size, qtype, symmetric=symmetric)
-    if steps == 0:
-        return best_scale, best_zero
-    best_error = _block_error(w, best_scale, best_zero, block_size, qtype)
-    for step in range(1, steps + 1):
-        scale, zero = choose_qparams(w * (1 - 0.2 * step / steps), block_size, qtype, symmetric=symmetric)
-        error = _block_error(w, scale, zero, block_size, qtype)
-        better = error < best_error
-        best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
-        if best_zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    return shrunk_qparams(w, block_size, qtype, symmetric=symmetric, steps=steps, narrowest=0.8,
+                          error=lambda scale, zero: _block_error(w, scale, zero, block_size, qtype))
 
 
 def _block_error(w, scale, zero, block_size, qtype) -> torch.Tensor:

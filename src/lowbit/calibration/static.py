@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from ..algorithms.blocks import progress as show_progress
 from ..algorithms.flow import calibrate_algorithm, convert_algorithm, prepare_algorithm, prepared_layers
 from ..algorithms.smoothquant import smoothing_factors
 from ..configs import STATIC_CONFIGS, QuantConfig
@@ -127,16 +127,6 @@ def _calibrating(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if getattr(m, "calibrating", False) and hasattr(m, "freeze")]
 
 
-def _progress(iterable, total: int | None, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr)
-
-
 def calibrate(model: nn.Module, data: Iterable, max_batches: int | None = None, progress: bool = True) -> int:
     """Run ``data`` through a prepared model in eval mode, without gradients; return the batch count.
 
@@ -168,7 +158,7 @@ def _run(model: nn.Module, data: Iterable, max_batches: int | None, progress: bo
     model.eval()
     count = 0
     with torch.inference_mode():
-        for batch in _progress(data, total, progress, desc):
+        for batch in show_progress(data, total, progress, desc, unit="batch"):
             if max_batches is not None and count >= max_batches:
                 break
             if isinstance(batch, dict):
